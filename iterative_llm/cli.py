@@ -1,0 +1,59 @@
+"""The `iterative-llm` command: one entry point that hands each stage to the module that does it.
+
+Each stage is an ordinary module with a `main(argv)` function, so it also runs on its own
+(`python -m training.pretrain ...`, `accelerate launch -m training.pretrain ...`). Modules are
+imported only when their stage is asked for, so `iterative-llm --help` stays fast and a stage's
+heavy dependencies (datasets, trl, matplotlib) are needed only by that stage.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# stage name -> (module, one-line help). Order is the order of the pipeline.
+STAGES: dict[str, tuple[str, str]] = {
+    "train": ("training.pretrain", "pretrain a model on text (tiny preset: minutes on a CPU)"),
+    "generate": ("training.generate", "generate text from a run folder or model folder"),
+    "sft": ("training.sft", "supervised fine-tuning on conversations (TRL SFTTrainer)"),
+    "dpo": ("training.dpo", "preference optimisation on chosen/rejected pairs (TRL DPOTrainer)"),
+    "chat": ("training.chat", "talk to a chat model in the terminal"),
+    "explain": ("iterative_llm.explain", "walk a sentence through the model, step by step, with pictures"),
+    "compare": ("iterative_llm.compare", "plot and tabulate several training runs side by side"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: iterative-llm <stage> [options]", "", "stages:"]
+    for name, (_, text) in STAGES.items():
+        lines.append(f"  {name:<10} {text}")
+    lines += ["", "Run `iterative-llm <stage> --help` for a stage's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"iterative-llm: unknown stage {stage!r}.\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name = STAGES[stage][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        # A missing optional dependency (datasets, trl, ...) is the usual cause: say how to get it.
+        print(
+            f"iterative-llm {stage}: cannot import {err.name!r}. Install the training extras: "
+            f"pip install 'iterative-llm[train]'",
+            file=sys.stderr,
+        )
+        return 2
+    result = module.main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

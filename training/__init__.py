@@ -1,0 +1,1 @@
+"""Turning data into models: pretraining with accelerate, alignment with TRL."""
