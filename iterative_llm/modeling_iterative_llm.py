@@ -347,7 +347,8 @@ class IterativeLLMModel(IterativeLLMPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if use_cache and cache is None:
+        if use_cache and cache is None and not self.training:
+            # Training never reuses keys and values: building a cache there only costs memory.
             cache = DynamicCache(config=self.config)
         past_tokens = cache.get_seq_length() if cache is not None else 0
         new_tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
@@ -360,12 +361,15 @@ class IterativeLLMModel(IterativeLLMPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past_tokens, past_tokens + new_tokens, device=hidden_states.device)[None]
         # One mask for all layers: causal, plus padding from attention_mask, plus document
-        # boundaries when packed sequences restart their position_ids (and no cache is used).
+        # boundaries when packed sequences restart their position_ids. transformers looks for
+        # packed sequences only when it is given no cache; an empty dynamic cache holds nothing
+        # the mask needs, so it is left out and packing works in eval mode as in training.
+        empty_dynamic_cache = isinstance(cache, DynamicCache) and past_tokens == 0
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=hidden_states,
             attention_mask=attention_mask,
-            cache=cache,
+            cache=None if empty_dynamic_cache else cache,
             position_ids=position_ids,
         )
         position_embeddings = self.rotary_emb(hidden_states, position_ids)

@@ -1,0 +1,207 @@
+"""Train a byte-level BPE tokenizer, wrap it as a transformers tokenizer, and give it a chat template.
+
+Why these choices:
+- Byte-level BPE (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners", sec. 2.2):
+  the base alphabet is the 256 byte values, so every string has an encoding and decodes back to
+  itself exactly. There is no unknown token and no normalizer, so nothing is lost or rewritten.
+- Before merges are learned, text is split into pieces with a regex in the style of GPT-2 and
+  GPT-4 (tiktoken's cl100k_base): letters, numbers in groups of at most three, punctuation and
+  whitespace never merge across piece boundaries. That keeps "dog", "dog." and " dog" from
+  growing into a zoo of near-duplicate tokens, and gives digits a regular tokenization.
+- The special tokens come first in the vocabulary, ids 0..5, so they are the same in every
+  tokenizer the project trains whatever the corpus and vocabulary size.
+- The chat template marks each assistant reply and its closing `<|end|>` with TRL's
+  `{% generation %}` block, so `assistant_only_loss=True` trains the replies and teaches the
+  model to end its turn, and nothing else.
+- Encoding adds no special tokens: the data pipeline places `<|endoftext|>` between documents
+  itself, and the chat template writes its own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sized
+from typing import Any
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+ENDOFTEXT = "<|endoftext|>"  # document boundary; bos and eos during pretraining
+PAD = "<|pad|>"  # padding only; always masked out of attention and loss
+SYSTEM = "<|system|>"
+USER = "<|user|>"
+ASSISTANT = "<|assistant|>"
+END_OF_TURN = "<|end|>"  # closes every chat message; the assistant learns to emit it to stop
+
+# The order fixes the ids: the trainer puts special tokens first, in list order.
+SPECIAL_TOKENS = [ENDOFTEXT, PAD, SYSTEM, USER, ASSISTANT, END_OF_TURN]
+
+# Fewer than this and there is not even one merge beyond the bytes and the special tokens.
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1
+
+# The pre-tokenization regex, one alternative per line; the first that matches at a position wins.
+# Same splitting rules as GPT-4's cl100k_base (tiktoken), which refines GPT-2's: case-insensitive
+# contractions, and digits grouped by at most three.
+_SPLIT_PATTERN = "|".join(
+    [
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)",  # English contractions stay one piece
+        r"[^\r\n\p{L}\p{N}]?\p{L}+",  # a word, with at most one leading space or symbol
+        r"\p{N}{1,3}",  # numbers, three digits at a time
+        r" ?[^\s\p{L}\p{N}]+[\r\n]*",  # a run of punctuation, with the line breaks that follow it
+        r"\s*[\r\n]+",  # line breaks, with the indentation before them
+        r"\s+(?!\S)",  # spaces, except the last one, which goes to the next word
+        r"\s+",  # any remaining whitespace
+    ]
+)
+
+# One string, so it can be read, diffed, and saved as chat_template.jinja. The `-` in every tag
+# trims the template's own layout; only the quoted strings reach the output. Rendering:
+#   <|endoftext|><|system|>\n...<|end|>\n<|user|>\n...<|end|>\n<|assistant|>\n...<|end|>\n
+CHAT_TEMPLATE = """\
+{{- '<|endoftext|>' -}}
+{%- for message in messages -%}
+    {%- if message['role'] not in ['system', 'user', 'assistant'] -%}
+        {{- raise_exception("Unknown chat role '" ~ message['role'] ~ "': use 'system', 'user' or 'assistant'.") -}}
+    {%- endif -%}
+    {%- if message['content'] is not string -%}
+        {{- raise_exception("Message content must be a string (role '" ~ message['role'] ~ "').") -}}
+    {%- endif -%}
+    {{- '<|' ~ message['role'] ~ '|>\\n' -}}
+    {%- if message['role'] == 'assistant' -%}
+        {%- generation -%}
+            {{- message['content'] ~ '<|end|>' -}}
+        {%- endgeneration -%}
+    {%- else -%}
+        {{- message['content'] ~ '<|end|>' -}}
+    {%- endif -%}
+    {{- '\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|assistant|>\\n' -}}
+{%- endif -%}
+"""
+
+
+def _count_text(texts: Iterable[str], seen: list[int]) -> Iterator[str]:
+    # Passes the texts through one at a time (the corpus is never held in memory) and counts the
+    # characters, so an empty corpus can be reported after the trainer has consumed the stream.
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"train_tokenizer expects strings, got an item of type {type(text).__name__}.")
+        seen[0] += len(text)
+        yield text
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    *,
+    min_frequency: int = 2,
+    model_max_length: int = 1024,
+    show_progress: bool = False,
+) -> PreTrainedTokenizerFast:
+    """Learn a byte-level BPE vocabulary of at most `vocab_size` tokens from `texts`.
+
+    `texts` may be any iterable of strings, a generator over a corpus too big for memory included:
+    it is read once. Merges seen fewer than `min_frequency` times are not learned, so a small
+    corpus can give fewer than `vocab_size` tokens. The tokenizer pads on the right, which is what
+    training wants; set `tokenizer.padding_side = "left"` before batched generation.
+    """
+    if isinstance(texts, str):
+        # A bare string is an iterable of characters: almost certainly not what was meant.
+        raise TypeError("train_tokenizer expects an iterable of strings (e.g. a list of documents), not one string.")
+    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size={vocab_size!r} is too small: the minimum is {MIN_VOCAB_SIZE} (256 bytes, "
+            f"{len(SPECIAL_TOKENS)} special tokens and at least one merge)."
+        )
+
+    bpe = Tokenizer(models.BPE(unk_token=None))  # bytes cover everything: no unknown token
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
+            # Maps each byte to a printable character (GPT-2's trick) so BPE works on bytes;
+            # no prefix space, which would change the text, and the split above is already done.
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    # trim_offsets=False keeps character offsets exact: the assistant mask is computed from them.
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen in training or not
+        show_progress=show_progress,
+    )
+    seen = [0]
+    length = len(texts) if isinstance(texts, Sized) else None  # only used by the progress bar
+    bpe.train_from_iterator(_count_text(texts, seen), trainer=trainer, length=length)
+    if seen[0] == 0:
+        raise ValueError(
+            "There is no text to train the tokenizer on: the iterable given to train_tokenizer was empty "
+            "or held only empty strings. Pass the training corpus, e.g. a list or generator of documents."
+        )
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=ENDOFTEXT,
+        eos_token=ENDOFTEXT,
+        pad_token=PAD,
+        extra_special_tokens=[SYSTEM, USER, ASSISTANT, END_OF_TURN],  # v5 name of additional_special_tokens
+        model_max_length=model_max_length,
+        padding_side="right",
+        # The default clean-up deletes spaces before punctuation, which breaks the exact round trip.
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """Load a tokenizer saved with `save_pretrained` (alone or inside a model folder)."""
+    path = os.fspath(path)
+    how = "Make one with iterative_llm.tokenization.train_tokenizer(...) and then tokenizer.save_pretrained(folder)."
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"No tokenizer folder at {path!r}: the folder does not exist. {how}")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(
+            f"The folder {path!r} holds no tokenizer files (tokenizer.json, tokenizer_config.json). {how}"
+        )
+    return AutoTokenizer.from_pretrained(path)
+
+
+def check_tokenizer_matches_model(tokenizer: Any, config: Any) -> None:
+    """Raise ValueError if the model described by `config` cannot be used with `tokenizer`.
+
+    `config` needs `vocab_size`; `eos_token_id` and `pad_token_id` are compared only when set.
+    """
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}: "
+            f"the model cannot embed token ids {config.vocab_size} and above. Retrain the tokenizer with "
+            f"vocab_size <= {config.vocab_size}, or build the model with vocab_size={len(tokenizer)}."
+        )
+    eos_id = getattr(config, "eos_token_id", None)
+    # Generation configs allow a list of stop ids; the tokenizer's eos must be one of them.
+    eos_ids = eos_id if isinstance(eos_id, (list, tuple)) else [eos_id]
+    if eos_id is not None and tokenizer.eos_token_id not in eos_ids:
+        raise ValueError(
+            f"The tokenizer's eos_token_id is {tokenizer.eos_token_id} ({tokenizer.eos_token!r}) but the model "
+            f"config's eos_token_id is {eos_id}. Use the tokenizer the model was trained with, or set "
+            f"config.eos_token_id = tokenizer.eos_token_id."
+        )
+    pad_id = getattr(config, "pad_token_id", None)
+    if pad_id is not None and tokenizer.pad_token_id != pad_id:
+        raise ValueError(
+            f"The tokenizer's pad_token_id is {tokenizer.pad_token_id} ({tokenizer.pad_token!r}) but the model "
+            f"config's pad_token_id is {pad_id}. Use the tokenizer the model was trained with, or set "
+            f"config.pad_token_id = tokenizer.pad_token_id."
+        )
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """True if `tokenizer` can render conversations with `apply_chat_template`."""
+    return bool(getattr(tokenizer, "chat_template", None))
