@@ -1,0 +1,135 @@
+"""Measuring a model during and after training: validation loss, bits per byte, samples, FLOPs.
+
+Bits per byte (bpb) is the validation loss converted from nats per token to bits per byte of
+text: it does not depend on the tokenizer, so runs with different vocabularies compare directly,
+and it compares with character-level figures on ASCII text (one byte per character).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .data import TokenSplit, iter_eval_batches
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    split: TokenSplit,
+    byte_lengths: torch.Tensor,
+    *,
+    batch_size: int,
+    seq_len: int,
+    max_tokens: int | None,
+    device: torch.device,
+    autocast=None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, float]:
+    """Mean validation loss (nats per token) and bits per byte over the first `max_tokens` tokens.
+
+    byte_lengths[i] is the number of UTF-8 bytes token i decodes to (0 for special tokens).
+    Bits per byte counts only targets that are text (bytes > 0), as nanochat does: a special
+    token carries no bytes, so it cannot be priced per byte. Sums are all-reduced across processes.
+    """
+    was_training = model.training
+    model.eval()
+    byte_lengths = byte_lengths.to(device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, tokens, text nats, text bytes
+    for batch in iter_eval_batches(split, batch_size, seq_len, max_tokens=max_tokens, rank=rank, world_size=world_size):
+        input_ids = batch["input_ids"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
+            logits = model(input_ids=input_ids, use_cache=False).logits
+        nats = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+        nbytes = byte_lengths[labels.flatten()]
+        is_text = nbytes > 0
+        sums += torch.stack(
+            [nats.sum(), torch.tensor(float(nats.numel()), device=device), nats[is_text].sum(), nbytes.sum()]
+        ).double()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    model.train(was_training)
+    nats, tokens, text_nats, text_bytes = sums.tolist()
+    if tokens == 0:
+        raise ValueError("The validation split produced no batches: it is shorter than one sequence.")
+    return {"val_loss": nats / tokens, "val_bpb": text_nats / (math.log(2) * max(text_bytes, 1.0))}
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int = 0, device=None) -> list[str]:
+    """Continue each prompt, sampling with temperature 0.8 and top-k 50, seeded for repeatability.
+
+    Documents were trained with the boundary token first, so prompts get it too.
+    """
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    texts = []
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    for prompt in prompts:
+        ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
+        room = model.config.max_position_embeddings - len(ids)
+        if room <= 0:
+            texts.append(prompt)
+            continue
+        output = model.generate(
+            torch.tensor([ids], device=device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+            max_new_tokens=min(max_new_tokens, room),
+            do_sample=True,
+            temperature=0.8,
+            top_k=50,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        texts.append(prompt + tokenizer.decode(output[0, len(ids):], skip_special_tokens=True))
+    torch.random.set_rng_state(generator_state)
+    model.train(was_training)
+    return texts
+
+
+def flops_per_token(config, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), counting attention: 6 N + 12 L H D T.
+
+    N counts the weights that take part in matrix products (every projection and the output head;
+    the embedding lookup is free), each costing 2 FLOPs per token forward and 4 backward. Attention
+    scores and the weighted sum cost 2 * 2 * H * D * T per token forward per layer, for the full
+    context T, the convention of PaLM (Chowdhery et al. 2022, appendix B) and nanoGPT's MFU, so
+    figures compare with theirs; causal masking halves the useful part of that term.
+    """
+    hidden, heads, kv_heads, head_dim = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o + k, v
+    mlp_matrices = 3 if config.mlp_type == "swiglu" else 2
+    mlp = mlp_matrices * hidden * config.intermediate_size
+    matmul_params = config.num_hidden_layers * (attention + mlp) + hidden * config.vocab_size
+    return 6 * matmul_params + 12 * config.num_hidden_layers * heads * head_dim * seq_len
+
+
+# Dense peak matrix throughput in FLOP/s for bf16 (fp32 accumulate) from the vendors' datasheets.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,  # SXM; the PCIe card is ~756e12
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "A10": 125e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's peak bf16 FLOP/s when known (GPUs above), else None (MFU is then not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "H100" in name and "PCIe" in name:
+        return 756e12
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None

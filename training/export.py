@@ -1,0 +1,125 @@
+"""The end of a run: a Hugging Face model folder with a model card filled from the run's own figures."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from transformers import GenerationConfig
+
+TEMPLATE_NAME = "model_card.md"
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in ("iterative-llm", "torch", "transformers", "tokenizers", "accelerate", "datasets", "trl", "peft"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["git_revision"] = git_revision()
+    return versions
+
+
+def git_revision() -> str | None:
+    """The project's git commit, when it runs from a checkout (None from a wheel)."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5)
+        return result.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(run_dir: str | Path, png: str | Path) -> bool:
+    """Training loss and validation loss against tokens seen; False when there is nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    train = [r for r in rows if r.get("kind") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    if not train:
+        return False
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
+    axis.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="training loss", linewidth=1)
+    if evals:
+        axis.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
+    axis.set_xlabel("tokens seen")
+    axis.set_ylabel("loss (nats per token)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(png)
+    plt.close(figure)
+    return True
+
+
+def _template() -> str:
+    """The model card template: the top-level model_card.md of a source checkout, or the copy
+    installed with the package (pyproject's data-files)."""
+    candidates = [Path(__file__).resolve().parents[1] / TEMPLATE_NAME, Path(sys.prefix) / "share" / "iterative-llm" / TEMPLATE_NAME]
+    for path in candidates:
+        if path.is_file():
+            return path.read_text()
+    raise FileNotFoundError(f"The model card template {TEMPLATE_NAME} is missing (looked in {', '.join(map(str, candidates))}).")
+
+
+def fill_model_card(values: dict) -> str:
+    """The template with every {field} replaced; a field the template names but `values` lacks is an error."""
+    text = _template()
+    try:
+        return text.format_map(values)
+    except KeyError as err:
+        raise KeyError(f"The model card template needs the value {err}, which the run did not provide.") from err
+
+
+def export_model_folder(out: str | Path, model, tokenizer, summary: dict) -> None:
+    """Write weights, config, tokenizer, generation config, model card, loss curve and summary."""
+    out = Path(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|end|>")
+    stop_ids = [tokenizer.eos_token_id] + ([end_of_turn] if isinstance(end_of_turn, int) and end_of_turn >= 0 else [])
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+        do_sample=True, temperature=0.8, top_k=50, max_new_tokens=min(128, model.config.max_position_embeddings // 2),
+    ).save_pretrained(out)
+    has_curve = plot_loss_curve(out, out / "loss_curve.png")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    rows = read_metrics(out)
+    samples = [r for r in rows if r.get("kind") == "sample" and r["step"] == summary["steps"]]
+    versions = package_versions()
+    config = model.config
+    values = {
+        **summary,
+        "parameters_millions": f"{summary['parameters'] / 1e6:.1f}",
+        "tokens_millions": f"{summary['tokens'] / 1e6:.2f}",
+        "minutes": f"{summary['time'] / 60:.1f}",
+        "final_val_loss": f"{summary['final_val_loss']:.4f}",
+        "final_val_bpb": f"{summary['final_val_bpb']:.4f}",
+        "architecture": (
+            f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, {config.num_attention_heads} "
+            f"query heads / {config.num_key_value_heads} key-value heads, {config.mlp_type} MLP, context "
+            f"{config.max_position_embeddings}, vocabulary {config.vocab_size}, "
+            f"{'tied' if config.tie_word_embeddings else 'untied'} embeddings"
+        ),
+        "loss_curve": "![loss curve](loss_curve.png)" if has_curve else "(no curve: no training rows were logged)",
+        "samples": "\n\n".join(f"```text\n{s['text']}\n```" for s in samples) or "(none)",
+        "versions": ", ".join(f"{k} {v}" for k, v in versions.items() if v),
+    }
+    (out / "README.md").write_text(fill_model_card(values))

@@ -1,0 +1,85 @@
+"""`iterative-llm generate RUN_OR_MODEL "prompt"`: continue a prompt with a trained model.
+
+RUN_OR_MODEL is a finished run folder (it is a model folder), a checkpoint folder inside a run
+(`RUN/checkpoints/step_00000600`: the tokenizer is read from the run), or any model folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def find_model_folder(path: str | Path) -> tuple[Path, Path]:
+    """(folder with the weights, folder with the tokenizer) for a run, checkpoint or model folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: give a run folder (e.g. runs/tiny) or a model folder.")
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        tokenizer_dir = path if (path / "tokenizer.json").is_file() else path.parent.parent
+        return path, tokenizer_dir
+    from .checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(path)
+    if checkpoint is not None:
+        print(f"{path} has no final model yet; using its latest checkpoint {checkpoint}", file=sys.stderr)
+        return checkpoint, path
+    raise FileNotFoundError(
+        f"{path} holds no model: no config.json with safetensors weights and no checkpoints. "
+        f"Train one with `iterative-llm train --out {path}` first."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="iterative-llm generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="run folder, checkpoint folder or model folder")
+    parser.add_argument("prompt", nargs="?", default="", help="text to continue (default: start of a document)")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM
+
+    import iterative_llm  # noqa: F401  (registers the model with the Auto classes)
+    from iterative_llm.tokenization import check_tokenizer_matches_model, load_tokenizer
+
+    try:
+        model_dir, tokenizer_dir = find_model_folder(args.model)
+        tokenizer = load_tokenizer(tokenizer_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        check_tokenizer_matches_model(tokenizer, model.config)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        print(f"iterative-llm generate: {err}", file=sys.stderr)
+        return 2
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    # Documents were trained with the boundary token first, so a prompt starts with it too.
+    ids = [tokenizer.bos_token_id] + tokenizer.encode(args.prompt, add_special_tokens=False)
+    room = model.config.max_position_embeddings - len(ids)
+    if room <= 0:
+        print(f"iterative-llm generate: the prompt is {len(ids)} tokens, longer than the model's context "
+              f"({model.config.max_position_embeddings}). Shorten it.", file=sys.stderr)
+        return 2
+    greedy = args.temperature <= 0
+    output = model.generate(
+        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=min(args.max_new_tokens, room), do_sample=not greedy,
+        temperature=None if greedy else args.temperature, top_k=None if greedy else args.top_k,
+        num_return_sequences=args.num_samples, pad_token_id=tokenizer.pad_token_id,
+    )
+    for i, row in enumerate(output):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt + tokenizer.decode(row[len(ids):], skip_special_tokens=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

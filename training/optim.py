@@ -1,0 +1,495 @@
+"""Optimisers and learning-rate schedules for pretraining.
+
+What is here, top to bottom:
+
+- `Muon`: momentum SGD whose update for each weight matrix is orthogonalised by a few
+  Newton-Schulz iterations (Keller Jordan, "Muon: An optimizer for hidden layers in neural
+  networks", 2024, https://kellerjordan.github.io/posts/muon/). It set most of the
+  modded-nanogpt speedrun records and is nanochat's optimiser for the transformer matrices.
+- `build_optimizers`: splits a model's parameters by module type into Muon (hidden matrices)
+  and AdamW (embedding, output head, 1-D params), or one AdamW for everything (the baseline).
+- `lr_multiplier` / `apply_lr`: warmup-stable-decay (the speedrun's trapezoid) or cosine.
+- `muon_momentum`: modded-nanogpt's momentum warmup for Muon.
+- `optimizer_state_dicts` / `load_optimizer_state_dicts`: checkpoint the list of optimisers.
+
+The default learning rates come from nanochat and modded-nanogpt (cited where they are set);
+they are starting points to be confirmed by a benchmark of our own, not tuned here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Muon",
+    "zeropower_via_newton_schulz",
+    "build_optimizers",
+    "lr_multiplier",
+    "apply_lr",
+    "muon_momentum",
+    "apply_muon_momentum",
+    "optimizer_state_dicts",
+    "load_optimizer_state_dicts",
+]
+
+# ----------------------------------------------------------------------------------------------
+# Muon
+
+# Quintic Newton-Schulz coefficients (3.4445, -4.7750, 2.0315) from Keller Jordan's Muon, 2024.
+# They are chosen to make the slope at zero as steep as possible, so five steps pull even small
+# singular values up; the price is that the iteration does not converge to exactly 1 but leaves
+# the singular values oscillating in roughly [0.68, 1.2], which the Muon post reports does not
+# hurt training. tests/test_optim.py measures that band.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+@torch.no_grad()
+def zeropower_via_newton_schulz(
+    g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32, eps: float = 1e-7
+) -> torch.Tensor:
+    """Approximately orthogonalise `g` (rows, cols): return about U V^T where g = U S V^T.
+
+    Each step applies the odd polynomial x -> a x + b (x x^T) x + c (x x^T)^2 x, which acts on
+    every singular value separately and leaves the singular vectors alone. The result is in
+    `dtype`; the caller casts it back to the parameter's dtype.
+    """
+    if g.ndim != 2:
+        raise ValueError(f"Newton-Schulz needs a 2-D matrix, got shape {tuple(g.shape)}")
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(dtype)
+    # Work on the wide orientation so the Gram matrix x x^T is the smaller one:
+    # (min(rows, cols), min(rows, cols)) instead of (max, max).
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.mT
+    # The iteration only converges for singular values in (0, ~1]; the Frobenius norm bounds the
+    # spectral norm from above, so dividing by it is a cheap way to get there (Muon post).
+    x = x / (x.norm() + eps)
+    for _ in range(steps):
+        gram = x @ x.mT  # (r, r), r = min(rows, cols)
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz, for 2-D weight matrices only.
+
+    One step, per matrix W with gradient G (Keller Jordan, 2024):
+
+        B <- momentum * B + G                      (heavy-ball buffer)
+        U <- G + momentum * B  if nesterov else B
+        O <- NewtonSchulz(U)                       (singular values pushed to about 1)
+        W <- W * (1 - lr * weight_decay)           (decoupled, as in AdamW)
+        W <- W - lr * sqrt(max(1, rows / cols)) * O
+
+    Embeddings, the output head and 1-D parameters belong in AdamW: the Muon post applies Muon
+    to hidden-layer matrices only (an embedding is a lookup table, not a linear map between
+    hidden states) and reports the head trains better with AdamW. `build_optimizers` does
+    that split.
+
+    There is no distributed communication in here on purpose: under data parallelism (DDP or
+    accelerate) the gradients are already averaged across ranks before `step()`, so every rank
+    computes the same orthogonalised update from the same gradient. nanochat and modded-nanogpt
+    shard the Newton-Schulz work across ranks instead; that saves time at 8 GPUs, not at one.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        ns_steps: int = 5,
+        ns_dtype: torch.dtype | None = None,
+    ) -> None:
+        # lr 0.02 and momentum 0.95 are nanochat's Muon settings (matrix_lr=0.02); modded-nanogpt
+        # uses 0.05 with a shorter run. Five Newton-Schulz steps are the Muon post's default.
+        if lr < 0.0:
+            raise ValueError(f"Muon lr must be >= 0, got {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Muon momentum must be in [0, 1), got {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Muon weight_decay must be >= 0, got {weight_decay}")
+        if int(ns_steps) != ns_steps or ns_steps < 1:
+            raise ValueError(f"Muon ns_steps must be a positive integer, got {ns_steps}")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            ns_steps=int(ns_steps),
+            ns_dtype=ns_dtype,
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Checked here rather than in __init__ so groups added later are checked too.
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if p.ndim != 2:
+                raise ValueError(
+                    f"Muon only optimises 2-D weight matrices, got a parameter of shape "
+                    f"{tuple(p.shape)}. Give 1-D and scalar parameters (norm weights, biases) "
+                    "to AdamW; build_optimizers() does this split for you."
+                )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("Muon does not support sparse gradients")
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grad)
+                buf = state["momentum_buffer"]
+                # The heavy-ball form B = mu B + G of Keller's first Muon. Later versions keep an
+                # EMA (lerp) instead; the two differ by the constant factor (1 - mu), which the
+                # Frobenius normalisation inside Newton-Schulz removes, so the update is the same.
+                buf.mul_(mu).add_(grad)
+                update = grad.add(buf, alpha=mu) if group["nesterov"] else buf
+                # bfloat16 on GPU as in the Muon post (the iteration tolerates it and tensor cores
+                # make it cheap); float32 on CPU, where bf16 matmuls are slow and no more useful.
+                ns_dtype = group["ns_dtype"]
+                if ns_dtype is None:
+                    ns_dtype = torch.bfloat16 if p.is_cuda else torch.float32
+                ortho = zeropower_via_newton_schulz(update, group["ns_steps"], ns_dtype)
+                # An orthogonalised (rows, cols) matrix has entries of RMS 1 / sqrt(max(rows,
+                # cols)). Scaling by sqrt(max(1, rows / cols)), as Keller's Muon and
+                # modded-nanogpt do, brings that to 1 / sqrt(cols) = 1 / sqrt(fan_in) for tall
+                # and wide matrices alike (nn.Linear stores (out, in)), so one lr fits the
+                # square attention projections and the rectangular MLP ones.
+                rows, cols = p.shape
+                scale = max(1.0, rows / cols) ** 0.5
+                if wd != 0.0:
+                    p.mul_(1.0 - lr * wd)
+                p.add_(ortho.to(p.dtype), alpha=-lr * scale)
+        return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter groups
+
+OPTIMIZER_CHOICES = ("muon", "adamw")
+
+
+def build_optimizers(
+    model: nn.Module,
+    *,
+    optimizer: str = "muon",
+    lr_matrix: float = 0.02,
+    lr_embed: float = 0.3,
+    lr_head: float = 0.004,
+    lr_scalar: float = 0.04,
+    adam_betas: tuple[float, float] = (0.8, 0.95),
+    adam_eps: float = 1e-10,
+    weight_decay: float = 0.0,
+    adamw_lr: float = 6e-4,
+    adamw_betas: tuple[float, float] = (0.9, 0.95),
+    adamw_weight_decay: float = 0.1,
+    fused: bool | None = None,
+) -> list[torch.optim.Optimizer]:
+    """Build the optimisers for `model`; step all of them after each backward pass.
+
+    optimizer="muon" (the speedrun recipe, as in modded-nanogpt and nanochat) returns
+    [Muon, AdamW]:
+      - Muon ("matrix" group, `lr_matrix`): the weight of every nn.Linear except the output head,
+        that is the attention and MLP projections of the transformer blocks.
+      - AdamW, one group each:
+        "embed" (`lr_embed`): the input embedding and any other nn.Embedding;
+        "head" (`lr_head`): the output head, when it is not tied to the input embedding;
+        "scalars" (`lr_scalar`): every 1-D or 0-D parameter (norm weights, biases, gates).
+      When the head is tied to the embedding the shared tensor is one parameter: it goes once,
+      into the "embed" group, at `lr_head` (see the comment below).
+      `weight_decay` is applied to the Muon matrices only.
+
+    optimizer="adamw" (the GPT-2 / nanoGPT baseline) returns [AdamW] with two groups at
+    `adamw_lr`: "decay" (every parameter with 2 or more dims, `adamw_weight_decay`) and
+    "no_decay" (1-D and 0-D), the nanoGPT convention.
+
+    Parameters are sorted by module type, never by name, so any Hugging Face model that
+    implements get_input_embeddings()/get_output_embeddings() works. Frozen parameters
+    (requires_grad=False) are left out. Every group carries "initial_lr" for `apply_lr` and a
+    "name" for logging and for checking a checkpoint against the setting that made it.
+
+    Defaults, to be confirmed by our own benchmark:
+      lr_matrix 0.02    nanochat's matrix_lr (modded-nanogpt's shorter runs use 0.05).
+      lr_embed 0.3      nanochat's embedding_lr for an untied embedding.
+      lr_head 0.004     nanochat's unembedding_lr (modded-nanogpt: 0.008).
+      lr_scalar 0.04    modded-nanogpt's Adam lr for its scalar parameters.
+      nanochat multiplies its AdamW lrs by (d_model / 768) ** -0.5; we do not, since our
+      models are near d_model 768, so pass scaled values for much smaller or larger widths.
+      adam_betas (0.8, 0.95), adam_eps 1e-10: the Adam settings of modded-nanogpt and
+      nanochat, tuned there together with the lrs above (beta1 0.8 rather than 0.9).
+      adamw_lr 6e-4, adamw_betas (0.9, 0.95), adamw_weight_decay 0.1: GPT-3 Small's values as
+      used by nanoGPT for GPT-2 124M, so the baseline is the well-tuned one, not a strawman.
+      fused None: use the fused AdamW kernel when every parameter is on CUDA.
+    """
+    if optimizer not in OPTIMIZER_CHOICES:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZER_CHOICES}")
+    trainable = [p for p in model.parameters() if p.requires_grad]  # shared tensors listed once
+    if not trainable:
+        raise ValueError("model has no trainable parameters")
+    if fused is None:
+        fused = all(p.is_cuda for p in trainable)
+
+    if optimizer == "adamw":
+        groups = {"decay": [], "no_decay": []}
+        for p in trainable:
+            groups["decay" if p.ndim >= 2 else "no_decay"].append(p)
+        param_groups = [
+            dict(name="decay", params=groups["decay"], weight_decay=adamw_weight_decay),
+            dict(name="no_decay", params=groups["no_decay"], weight_decay=0.0),
+        ]
+        param_groups = [g for g in param_groups if g["params"]]
+        adamw = torch.optim.AdamW(param_groups, lr=adamw_lr, betas=adamw_betas, fused=fused)
+        optimizers: list[torch.optim.Optimizer] = [adamw]
+    else:
+        groups = _muon_split(model, trainable)
+        embed_group = dict(name="embed", params=groups["embed"], lr=lr_embed)
+        if groups["tied"]:
+            # A tied matrix also produces the logits, and the head is where a large Adam lr
+            # blows up (nanochat's head lr is 75x below its embedding lr); modded-nanogpt, while
+            # its embedding and head were tied (Oct 2024 records), kept the shared matrix at a
+            # small AdamW lr. So the shared tensor takes the head's lr.
+            embed_group["lr"] = lr_head
+        adam_groups = [
+            embed_group,
+            dict(name="head", params=groups["head"], lr=lr_head),
+            dict(name="scalars", params=groups["scalars"], lr=lr_scalar),
+        ]
+        adam_groups = [g for g in adam_groups if g["params"]]
+        optimizers = []
+        if groups["matrix"]:
+            optimizers.append(
+                Muon(
+                    [dict(name="matrix", params=groups["matrix"])],
+                    lr=lr_matrix,
+                    weight_decay=weight_decay,
+                )
+            )
+        if adam_groups:
+            optimizers.append(
+                torch.optim.AdamW(
+                    adam_groups, betas=adam_betas, eps=adam_eps, weight_decay=0.0, fused=fused
+                )
+            )
+
+    _check_each_param_once(model, trainable, optimizers)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
+def _muon_split(model: nn.Module, trainable: list[torch.Tensor]) -> dict[str, Any]:
+    """Sort the trainable parameters of `model` into matrix / embed / head / scalars."""
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    kind: dict[int, str] = {}  # id(param) -> group name
+
+    def claim(p: torch.Tensor, group: str) -> None:
+        # setdefault: the first claim wins, so a tied tensor met again as the head's weight
+        # stays in "embed"; the claims are ordered so that this is the intended owner.
+        if p.requires_grad:
+            kind.setdefault(id(p), group)
+
+    claim(embed.weight, "embed")
+    if head is not None:
+        claim(head.weight, "head")  # no-op when tied
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            claim(module.weight, "embed")  # e.g. value embeddings: sparse rows, like wte
+        elif isinstance(module, nn.Linear) and module is not head:
+            claim(module.weight, "matrix")
+    for name, p in model.named_parameters():
+        if id(p) in kind or not p.requires_grad:
+            continue
+        if p.ndim < 2:
+            kind[id(p)] = "scalars"
+        else:
+            raise ValueError(
+                f"cannot place parameter {name!r} of shape {tuple(p.shape)}: it is not the "
+                "weight of an nn.Linear or nn.Embedding and not 1-D, so neither Muon nor the "
+                "AdamW groups are known to suit it. Extend training/optim.py:_muon_split."
+            )
+    split: dict[str, Any] = {"matrix": [], "embed": [], "head": [], "scalars": [], "tied": tied}
+    for p in trainable:  # model order, so the groups are deterministic across runs
+        split[kind[id(p)]].append(p)
+    return split
+
+
+def _check_each_param_once(
+    model: nn.Module, trainable: list[torch.Tensor], optimizers: list[torch.optim.Optimizer]
+) -> None:
+    seen: dict[int, str] = {}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if id(p) in seen:
+                    raise RuntimeError(
+                        f"a parameter of shape {tuple(p.shape)} is in two groups: "
+                        f"{seen[id(p)]!r} and {group['name']!r}"
+                    )
+                seen[id(p)] = group["name"]
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    if missing or len(seen) != len(trainable):
+        raise RuntimeError(f"parameters left out of every optimizer group: {missing}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules
+
+SCHEDULE_SHAPES = ("wsd", "cosine")
+
+
+def lr_multiplier(
+    step: int,
+    total_steps: int,
+    *,
+    warmup_steps: int = 0,
+    cooldown_fraction: float = 0.4,
+    final_ratio: float = 0.0,
+    shape: str = "wsd",
+) -> float:
+    """The factor that multiplies each group's initial_lr after `step` optimiser steps.
+
+    `step` runs from 0 to `total_steps`; the warmup's first step gets 1/warmup_steps (not 0,
+    which would waste a step), and step == total_steps gives exactly `final_ratio` (unless
+    "wsd" has no cool-down at all, cooldown_fraction 0, which stays at 1).
+
+    "wsd" (warmup-stable-decay): linear warmup, constant 1, then a linear cool-down over the
+    last `cooldown_fraction` of the steps to `final_ratio`. This is modded-nanogpt's trapezoid
+    and nanochat's schedule (both cool down over the last 40% or so); Hägele et al. 2024,
+    "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations", find it
+    matches cosine and lets a run be extended from any point of the stable phase.
+    "cosine": linear warmup, then half a cosine from 1 to `final_ratio` (the GPT-3 / nanoGPT
+    baseline, which uses final_ratio 0.1).
+    """
+    if shape not in SCHEDULE_SHAPES:
+        raise ValueError(f"unknown schedule shape {shape!r}; choose one of {SCHEDULE_SHAPES}")
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if not 0 <= step <= total_steps:
+        raise ValueError(f"step must be in [0, total_steps={total_steps}], got {step}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if not 0.0 <= cooldown_fraction <= 1.0:
+        raise ValueError(f"cooldown_fraction must be in [0, 1], got {cooldown_fraction}")
+    if not 0.0 <= final_ratio <= 1.0:
+        raise ValueError(f"final_ratio must be in [0, 1], got {final_ratio}")
+
+    if shape == "wsd":
+        cooldown_steps = round(cooldown_fraction * total_steps)
+        if warmup_steps + cooldown_steps > total_steps:
+            raise ValueError(
+                f"warmup_steps ({warmup_steps}) + cool-down steps ({cooldown_steps} = "
+                f"{cooldown_fraction} * {total_steps}) exceed total_steps ({total_steps})"
+            )
+    elif warmup_steps > total_steps:
+        raise ValueError(f"warmup_steps ({warmup_steps}) exceed total_steps ({total_steps})")
+
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if shape == "wsd":
+        if step < total_steps - cooldown_steps or cooldown_steps == 0:
+            return 1.0
+        left = (total_steps - step) / cooldown_steps  # 1 at the start of the cool-down, 0 at end
+        return final_ratio + (1.0 - final_ratio) * left
+    if total_steps == warmup_steps:
+        return final_ratio
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)  # 0 -> 1
+    return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def apply_lr(optimizers: Sequence[torch.optim.Optimizer], multiplier: float) -> None:
+    """Set every group's lr to its initial_lr times `multiplier` (from lr_multiplier)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            if "initial_lr" not in group:
+                raise KeyError(
+                    f"param group {group.get('name', '?')!r} has no 'initial_lr'; build the "
+                    "optimizers with build_optimizers() or set group['initial_lr'] yourself"
+                )
+            group["lr"] = group["initial_lr"] * multiplier
+
+
+def muon_momentum(
+    step: int, warmup_steps: int = 300, start: float = 0.85, end: float = 0.95
+) -> float:
+    """Muon momentum rising linearly from `start` to `end` over the first `warmup_steps`.
+
+    modded-nanogpt warms Muon's momentum from 0.85 to 0.95 over 300 steps: early gradients
+    change fast, and a long momentum memory would keep pushing along stale directions.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if warmup_steps <= 0:
+        return end
+    frac = min(step / warmup_steps, 1.0)
+    return (1.0 - frac) * start + frac * end
+
+
+def apply_muon_momentum(optimizers: Sequence[torch.optim.Optimizer], momentum: float) -> None:
+    """Set the momentum of every Muon group in `optimizers` (AdamW ones are left alone)."""
+    for opt in optimizers:
+        if isinstance(opt, Muon):
+            for group in opt.param_groups:
+                group["momentum"] = momentum
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def optimizer_state_dicts(optimizers: Sequence[torch.optim.Optimizer]) -> list[dict[str, Any]]:
+    """The state of each optimiser, in order, for a checkpoint."""
+    return [opt.state_dict() for opt in optimizers]
+
+
+def load_optimizer_state_dicts(
+    optimizers: Sequence[torch.optim.Optimizer], states: Sequence[dict[str, Any]]
+) -> None:
+    """Restore `optimizer_state_dicts` output into freshly built optimisers.
+
+    The checkpoint's hyperparameters (lr, initial_lr, momentum, ...) replace the fresh ones,
+    as torch's load_state_dict does, so a resumed run continues exactly; to change an lr on
+    resume, set group["initial_lr"] after loading.
+    """
+    hint = (
+        "this looks like a checkpoint from a different optimizer setting (e.g. 'muon' vs "
+        "'adamw', or tied vs untied embeddings); rebuild the optimizers with the setting the "
+        "checkpoint was saved with"
+    )
+    if len(states) != len(optimizers):
+        raise ValueError(
+            f"checkpoint has {len(states)} optimizer states but {len(optimizers)} optimizers "
+            f"were built: {hint}"
+        )
+    for i, (opt, state) in enumerate(zip(optimizers, states)):
+        saved = state["param_groups"]
+        built = opt.param_groups
+        saved_layout = [(g.get("name"), len(g["params"])) for g in saved]
+        built_layout = [(g.get("name"), len(g["params"])) for g in built]
+        if saved_layout != built_layout:
+            raise ValueError(
+                f"optimizer {i} ({type(opt).__name__}): checkpoint groups (name, #params) "
+                f"{saved_layout} do not match the built ones {built_layout}: {hint}"
+            )
+    for opt, state in zip(optimizers, states):
+        opt.load_state_dict(state)

@@ -1,0 +1,439 @@
+"""Pretraining: from raw text to a trained Hugging Face model folder.
+
+    iterative-llm train --preset tiny                      # CPU, minutes
+    accelerate launch -m training.pretrain --preset gpt2-small   # one or more GPUs
+    torchrun --nproc_per_node 2 -m training.pretrain ...   # data parallel, CPU (gloo) or GPU
+
+Reads top to bottom: settings -> run folder -> tokenizer -> token shards -> model -> optimizers
+-> (resume) -> the loop (schedule, accumulate, clip, step, log, evaluate, checkpoint) -> export.
+
+The recipe, each part a setting in training/config.py and measured in benchmarks/pretrain_recipe.py:
+- Muon for the hidden weight matrices, AdamW for embedding, head and vectors (Keller Jordan's
+  modded-nanogpt records, 2024; nanochat), with plain AdamW + cosine available as the baseline.
+- Warmup / stable / linear cool-down schedule (modded-nanogpt; Hägele et al. 2024) that follows the
+  fraction of the budget done, so a wall-clock budget (`--max_time`) still ends with a cool-down.
+- bf16 autocast on GPUs, optional torch.compile, gradient accumulation to a batch size in tokens,
+  gradient clipping, optional document masking for packed sequences.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+
+from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM
+from iterative_llm.tokenization import check_tokenizer_matches_model, load_tokenizer, train_tokenizer
+
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig, parse_args, to_dict
+from .data import RandomWindowBatches, ShardedDataset, iter_documents, prepare_shards, token_byte_lengths
+from .evaluate import evaluate, flops_per_token, peak_flops, sample
+from .export import export_model_folder, package_versions
+from .optim import apply_lr, apply_muon_momentum, build_optimizers, lr_multiplier, muon_momentum
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to do."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_args(argv)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"iterative-llm train: {err}", file=sys.stderr)
+        return 2
+    try:
+        train(config)
+    except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as err:
+        print(f"iterative-llm train: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def train(config: TrainConfig) -> dict:
+    """Run (or resume) one training run; returns the summary written to OUT/summary.json."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    # ------------------------------------------------------------------ settings and processes
+    precision = config.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    out = Path(config.out)
+    accelerator = Accelerator(
+        mixed_precision="bf16" if precision == "bf16" else "no",
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_dir=str(out),
+    )
+    main_process, rank, world_size = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    say = (lambda message: print(message, flush=True)) if main_process else (lambda message: None)
+    device = accelerator.device
+    set_seed(config.seed)
+
+    # ------------------------------------------------------------------ the run folder
+    resume_from = latest_checkpoint(out) if config.resume else None
+    if config.resume and resume_from is None:
+        raise TrainingError(f"--resume: the run folder {out} has no checkpoint to resume from. Drop --resume to start it.")
+    if not config.resume and latest_checkpoint(out) is not None:
+        raise TrainingError(
+            f"The run folder {out} already holds checkpoints. Pass --resume to continue that run, or choose "
+            f"another --out (nothing was overwritten)."
+        )
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------ tokenizer and token shards
+    data_dir = Path(config.data_cache) if config.data_cache else out / "data"
+    tokenizer = _tokenizer(config, data_dir, main_process, say)
+    accelerator.wait_for_everyone()
+    if not main_process:
+        tokenizer = load_tokenizer(data_dir / "tokenizer") if not config.tokenizer else load_tokenizer(config.tokenizer)
+    if main_process:
+        prepare_shards(
+            config.data, tokenizer, data_dir, text_column=config.text_column, doc_separator=config.doc_separator,
+            val_source=config.val_data, val_fraction=config.val_fraction, max_documents=config.max_documents,
+            progress=config.progress,
+        )
+    accelerator.wait_for_everyone()
+    dataset = ShardedDataset.open(data_dir)
+    train_split, val_split = dataset.split("train"), dataset.split("val")
+    say(f"data: {train_split.num_tokens:,} training tokens in {train_split.num_documents:,} documents, "
+        f"{val_split.num_tokens:,} validation tokens ({data_dir})")
+
+    # ------------------------------------------------------------------ the model
+    model_fields = dict(config.model)
+    model_fields.setdefault("vocab_size", _round_up(len(tokenizer), 64))  # multiples of 64 suit matmul kernels
+    model_fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    model_config = IterativeLLMConfig.from_preset(config.model_preset, **model_fields)
+    check_tokenizer_matches_model(tokenizer, model_config)
+    if config.seq_len > model_config.max_position_embeddings:
+        raise ValueError(
+            f"seq_len ({config.seq_len}) is longer than the model's max_position_embeddings "
+            f"({model_config.max_position_embeddings}): lower --seq_len or set --model.max_position_embeddings."
+        )
+    torch.manual_seed(config.seed)
+    raw_model = IterativeLLMForCausalLM(model_config).to(device)
+    if config.activation_checkpointing:
+        raw_model.gradient_checkpointing_enable()
+    raw_model.train()
+    say(f"model: {config.model_preset} preset, {raw_model.num_parameters():,} parameters, precision {precision}")
+
+    # ------------------------------------------------------------------ optimizers and schedule
+    optimizers = build_optimizers(
+        raw_model, optimizer=config.optimizer, lr_matrix=config.lr_matrix, lr_embed=config.lr_embed,
+        lr_head=config.lr_head, lr_scalar=config.lr_scalar, adamw_lr=config.adamw_lr,
+        weight_decay=config.weight_decay,
+    )
+    tokens_per_micro_step = config.batch_size * config.seq_len * world_size
+    accumulation = max(1, round(config.batch_tokens / tokens_per_micro_step))
+    tokens_per_step = accumulation * tokens_per_micro_step
+    if tokens_per_step != config.batch_tokens:
+        say(f"note: batch_tokens {config.batch_tokens} rounded to {tokens_per_step} "
+            f"({accumulation} micro-steps of {config.batch_size} x {config.seq_len} tokens x {world_size} processes)")
+
+    # ------------------------------------------------------------------ resume
+    state = {"step": 0, "tokens": 0, "time": 0.0}
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, raw_model, optimizers)
+        _check_resume_settings(state, config, tokens_per_step)
+        say(f"resumed from {resume_from} (step {state['step']}, {state['tokens']:,} tokens)")
+    if main_process:
+        _write_run_files(out, config, model_config, tokenizer, resume_from is not None, state["step"])
+    accelerator.wait_for_everyone()
+
+    model = accelerator.prepare(raw_model)
+    if config.compile:
+        model = torch.compile(model)
+    batches = RandomWindowBatches(
+        train_split, batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed, rank=rank,
+        world_size=world_size, document_positions=config.document_masking,
+        pin_memory=config.dataloader_pin_memory and device.type == "cuda",
+    )
+    byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer).astype("int64"))
+    if config.report_to != "none":
+        accelerator.init_trackers("pretrain", config=_scalar_config(config))
+
+    flops_token = flops_per_token(model_config, config.seq_len)
+    peak = peak_flops(device)
+    metrics_file = out / "metrics.jsonl"
+
+    def log_row(row: dict) -> None:
+        if main_process:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def run_eval() -> dict:
+        result = evaluate(
+            raw_model, val_split, byte_lengths, batch_size=config.batch_size, seq_len=config.seq_len,
+            max_tokens=config.eval_tokens, device=device, autocast=accelerator.autocast, rank=rank,
+            world_size=world_size,
+        )
+        row = {"kind": "eval", "step": state["step"], "tokens": state["tokens"], "time": round(state["time"], 3), **result}
+        log_row(row)
+        if config.report_to != "none":
+            accelerator.log(result, step=state["step"])
+        return result
+
+    def run_samples() -> None:
+        if not main_process:
+            return
+        with accelerator.autocast():
+            texts = sample(raw_model, tokenizer, config.sample_prompts, max_new_tokens=config.sample_tokens,
+                           seed=config.seed, device=device)
+        for prompt, text in zip(config.sample_prompts, texts):
+            log_row({"kind": "sample", "step": state["step"], "prompt": prompt, "text": text})
+            say(f"  sample | {text!r}")
+
+    def progress_fraction() -> float:
+        parts = []
+        if config.max_steps:
+            parts.append(state["step"] / config.max_steps)
+        if config.max_tokens:
+            parts.append(state["tokens"] / config.max_tokens)
+        if config.max_time:
+            parts.append(state["time"] / config.max_time)
+        return min(1.0, max(parts))
+
+    # Ctrl-C / SIGTERM ask the loop to checkpoint and stop at the end of the current step.
+    stop_requested = {"signal": None}
+
+    def request_stop(signum, frame):
+        if stop_requested["signal"] is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        stop_requested["signal"] = signal.Signals(signum).name
+
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if _in_main_thread() else {}
+
+    def checkpoint(reason: str) -> None:
+        accelerator.wait_for_everyone()
+        if main_process:
+            path = save_checkpoint(out, raw_model, optimizers, {**state, "reason": reason,
+                                   "tokens_per_step": tokens_per_step, "seed": config.seed}, keep=config.keep_checkpoints)
+            say(f"checkpoint: {path} ({reason})")
+        accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------ the loop
+    bar = _progress_bar(config, main_process, state["step"])
+    loss_sum = torch.zeros((), device=device)  # summed on the device; read only when logged
+    steps_since_log, time_since_log = 0, 0.0
+    stopped_by = None
+    try:
+        while progress_fraction() < 1.0:
+            step_start = time.perf_counter()
+            multiplier = _lr_schedule(config, state["step"], progress_fraction())
+            apply_lr(optimizers, multiplier)
+            if config.optimizer == "muon":
+                apply_muon_momentum(optimizers, muon_momentum(state["step"], warmup_steps=config.muon_momentum_warmup_steps))
+
+            for micro in range(accumulation):
+                batch = batches.batch_at(state["step"] * accumulation + micro)
+                inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                # Gradients are averaged across processes only on the last micro-step.
+                sync = accelerator.no_sync(model) if micro < accumulation - 1 and world_size > 1 else nullcontext()
+                with sync:
+                    loss = model(**inputs, use_cache=False).loss / accumulation
+                    loss.backward()
+                loss_sum += loss.detach()
+
+            if config.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+            for optimizer in optimizers:
+                optimizer.step()
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+
+            if device.type == "cuda" and (state["step"] + 1) % config.log_every == 0:
+                torch.cuda.synchronize()  # so the step times below are real, not queued work
+            elapsed = time.perf_counter() - step_start
+            state["step"] += 1
+            state["tokens"] += tokens_per_step
+            state["time"] += elapsed
+            steps_since_log += 1
+            time_since_log += elapsed
+
+            last_step = progress_fraction() >= 1.0
+            due = lambda every: every > 0 and state["step"] % every == 0  # noqa: E731
+            stop_now = stop_requested["signal"] is not None
+            if due(config.log_every) or last_step or stop_now or due(config.checkpoint_every):
+                mean_loss = accelerator.reduce(loss_sum, reduction="mean").item() / steps_since_log
+                if not math.isfinite(mean_loss):
+                    last = latest_checkpoint(out)
+                    raise TrainingError(
+                        f"The training loss became {mean_loss} at step {state['step']}. No checkpoint was written "
+                        f"after it; the last good one is {last or '(none yet)'}. Lower the learning rates "
+                        f"(--lr_matrix, --lr_embed, --adamw_lr), keep --grad_clip on, or use --precision fp32."
+                    )
+                tokens_per_second = steps_since_log * tokens_per_step / max(time_since_log, 1e-9)
+                mfu = flops_token * tokens_per_second / (peak * world_size) if peak else None
+                row = {"kind": "train", "step": state["step"], "tokens": state["tokens"], "time": round(state["time"], 3),
+                       "loss": mean_loss, "lr": multiplier, "tokens_per_second": tokens_per_second, "mfu": mfu}
+                log_row(row)
+                if config.report_to != "none":
+                    accelerator.log({"train_loss": mean_loss, "lr_multiplier": multiplier,
+                                     "tokens_per_second": tokens_per_second}, step=state["step"])
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_second:,.0f}",
+                                    **({"mfu": f"{100 * mfu:.1f}%"} if mfu is not None else {}))
+                loss_sum.zero_()
+                steps_since_log, time_since_log = 0, 0.0
+            if bar is not None:
+                bar.update(1)
+
+            if due(config.eval_every) and not last_step:
+                result = run_eval()
+                say(f"step {state['step']}: val loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits per byte")
+            if due(config.sample_every) and not last_step:
+                run_samples()
+            if stop_now:
+                stopped_by = stop_requested["signal"]
+                checkpoint(f"stopped by {stopped_by}")
+                break
+            if due(config.checkpoint_every) and not last_step:
+                checkpoint("scheduled")
+    finally:
+        if bar is not None:
+            bar.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+
+    if stopped_by is not None:
+        say(f"Stopped by {stopped_by} at step {state['step']}. Continue with: iterative-llm train ... --out {out} --resume")
+        accelerator.end_training()
+        return {"stopped": True, **state}
+
+    # ------------------------------------------------------------------ final evaluation and export
+    result = run_eval()
+    say(f"final: step {state['step']}, {state['tokens']:,} tokens, {state['time']:.1f} s of training, "
+        f"val loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits per byte")
+    run_samples()
+    checkpoint("end of training")
+    summary = {
+        "steps": state["step"], "tokens": state["tokens"], "time": round(state["time"], 3),
+        "final_val_loss": result["val_loss"], "final_val_bpb": result["val_bpb"],
+        "parameters": raw_model.num_parameters(), "preset": config.model_preset, "data": config.data,
+        "train_tokens_available": train_split.num_tokens, "val_tokens": val_split.num_tokens,
+        "processes": world_size, "precision": precision, "hardware": _hardware(device, world_size),
+    }
+    if main_process:
+        export_model_folder(out, raw_model, tokenizer, summary)
+        say(f"model folder: {out} (load it with AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+# ---------------------------------------------------------------------- helpers of the steps above
+
+
+def _tokenizer(config: TrainConfig, data_dir: Path, main_process: bool, say):
+    """The given tokenizer, the one already trained for this data cache, or a new one."""
+    if config.tokenizer:
+        return load_tokenizer(config.tokenizer)
+    saved = data_dir / "tokenizer"
+    if saved.is_dir():
+        return load_tokenizer(saved)
+    if not main_process:
+        return None
+    vocab_size = config.model.get("vocab_size") or IterativeLLMConfig.from_preset(config.model_preset).vocab_size
+    say(f"training a {vocab_size}-token byte-level BPE tokenizer on {config.data} ...")
+    start = time.perf_counter()
+    tokenizer = train_tokenizer(_limited(iter_documents(
+        config.data, text_column=config.text_column, doc_separator=config.doc_separator,
+        max_documents=config.max_documents), config.tokenizer_train_chars), vocab_size=vocab_size)
+    tokenizer.save_pretrained(saved)
+    say(f"tokenizer: {len(tokenizer)} tokens in {time.perf_counter() - start:.1f} s, saved to {saved}")
+    return tokenizer
+
+
+def _limited(documents, max_chars: int):
+    seen = 0
+    for document in documents:
+        yield document
+        seen += len(document)
+        if seen >= max_chars:
+            return
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def _lr_schedule(config: TrainConfig, step: int, progress: float) -> float:
+    """The learning-rate multiplier: warmup by steps, then the shape over the fraction of the budget."""
+    resolution = 1_000_000  # progress as a step count for optim.lr_multiplier
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    return lr_multiplier(
+        round(progress * resolution), resolution, cooldown_fraction=config.cooldown_fraction,
+        final_ratio=config.final_lr_ratio, shape=config.schedule,
+    )
+
+
+def _check_resume_settings(state: dict, config: TrainConfig, tokens_per_step: int) -> None:
+    if state.get("tokens_per_step") not in (None, tokens_per_step) or state.get("seed") not in (None, config.seed):
+        raise CheckpointError(
+            f"The checkpoint was written with {state.get('tokens_per_step')} tokens per step and seed "
+            f"{state.get('seed')}, but the settings now give {tokens_per_step} and {config.seed}: the data order "
+            f"would not continue where it stopped. Resume with the run's own settings (see run_config.yaml)."
+        )
+
+
+def _write_run_files(out: Path, config, model_config, tokenizer, resumed: bool, step: int) -> None:
+    """Resolved settings, versions and the tokenizer, so every figure traces back to its run."""
+    (out / "run_config.yaml").write_text(
+        yaml.safe_dump({"train": to_dict(config), "model": model_config.to_diff_dict()}, sort_keys=False)
+    )
+    (out / "versions.json").write_text(json.dumps(package_versions(), indent=2))
+    tokenizer.save_pretrained(out)
+    metrics = out / "metrics.jsonl"
+    if resumed and metrics.is_file():
+        # Rows logged after the checkpoint we resume from belong to the lost part of the run.
+        kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        metrics.write_text("".join(line + "\n" for line in kept))
+    elif not resumed and metrics.exists():
+        metrics.unlink()
+
+
+def _scalar_config(config: TrainConfig) -> dict:
+    flat = {}
+    for key, value in to_dict(config).items():
+        if isinstance(value, dict):
+            flat.update({f"model.{k}": v for k, v in value.items() if isinstance(v, (int, float, str, bool))})
+        elif isinstance(value, (int, float, str, bool)):
+            flat[key] = value
+    return flat
+
+
+def _progress_bar(config: TrainConfig, main_process: bool, initial: int):
+    if not (config.progress and main_process):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.max_steps, initial=initial, desc="training", unit="step", dynamic_ncols=True)
+
+
+def _hardware(device: torch.device, world_size: int) -> str:
+    if device.type == "cuda":
+        return f"{world_size} x {torch.cuda.get_device_name(device)}"
+    return f"{world_size} x CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
