@@ -158,9 +158,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     for f in dataclasses.fields(TrainConfig):
         if f.name == "model":
             continue
-        flag = "--" + f.name
-        parser.add_argument(flag, "--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="VALUE",
-                            help=f"(default {getattr(defaults, f.name)!r})")
+        flags = ["--" + f.name] + (["--" + f.name.replace("_", "-")] if "_" in f.name else [])
+        # A boolean given alone (`--resume`) means true; `--resume false` also works.
+        boolean = str(f.type) == "bool"
+        parser.add_argument(*flags, dest=f.name, default=None, metavar="VALUE", nargs="?" if boolean else None,
+                            const="true" if boolean else None, help=f"(default {getattr(defaults, f.name)!r})")
     args, rest = parser.parse_known_args(argv)
 
     # --model.FIELD VALUE pairs: overrides of the model config.
@@ -186,8 +188,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     if args.config:
         values = merge(values, load_yaml(args.config), args.config)
     cli = {name: _coerce(name, raw) for name, raw in vars(args).items() if name not in ("preset", "config") and raw is not None}
-    if "resume" in cli and cli["resume"] is None:
-        cli["resume"] = True
     values = merge(values, cli, "the command line")
     if model_overrides:
         values = merge(values, {"model": model_overrides}, "the command line")

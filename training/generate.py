@@ -46,10 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     import iterative_llm  # noqa: F401  (registers the model with the Auto classes)
     from iterative_llm.tokenization import check_tokenizer_matches_model, load_tokenizer
 
+    hf_logging.disable_progress_bar()  # the weight-loading bar would mix with the generated text
     try:
         model_dir, tokenizer_dir = find_model_folder(args.model)
         tokenizer = load_tokenizer(tokenizer_dir)

@@ -63,6 +63,9 @@ def train(config: TrainConfig) -> dict:
     """Run (or resume) one training run; returns the summary written to OUT/summary.json."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # checkpoint writes would each draw a bar inside the training bar
 
     # ------------------------------------------------------------------ settings and processes
     precision = config.precision
@@ -70,6 +73,9 @@ def train(config: TrainConfig) -> dict:
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     out = Path(config.out)
     accelerator = Accelerator(
+        # Several processes without GPUs (torchrun on a CPU machine): accelerate needs to be told
+        # to use CPU data parallelism (gloo); otherwise each process trains alone.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         mixed_precision="bf16" if precision == "bf16" else "no",
         log_with=None if config.report_to == "none" else config.report_to,
         project_dir=str(out),
@@ -155,11 +161,19 @@ def train(config: TrainConfig) -> dict:
     model = accelerator.prepare(raw_model)
     if config.compile:
         model = torch.compile(model)
-    batches = RandomWindowBatches(
-        train_split, batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed, rank=rank,
-        world_size=world_size, document_positions=config.document_masking,
-        pin_memory=config.dataloader_pin_memory and device.type == "cuda",
-    )
+    # The global batch of a step is `accumulation x world_size` slices of `batch_size` rows, drawn
+    # from one generator seeded by the step: micro-step m of process r reads slice m * world + r.
+    # The same step therefore sees the same rows whatever the split into processes and micro-steps,
+    # and resuming needs nothing but the step counter.
+    micro_batches = [
+        RandomWindowBatches(
+            train_split, batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed,
+            rank=micro * world_size + rank, world_size=accumulation * world_size,
+            document_positions=config.document_masking,
+            pin_memory=config.dataloader_pin_memory and device.type == "cuda",
+        )
+        for micro in range(accumulation)
+    ]
     byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer).astype("int64"))
     if config.report_to != "none":
         accelerator.init_trackers("pretrain", config=_scalar_config(config))
@@ -237,7 +251,7 @@ def train(config: TrainConfig) -> dict:
                 apply_muon_momentum(optimizers, muon_momentum(state["step"], warmup_steps=config.muon_momentum_warmup_steps))
 
             for micro in range(accumulation):
-                batch = batches.batch_at(state["step"] * accumulation + micro)
+                batch = micro_batches[micro].batch_at(state["step"])
                 inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 # Gradients are averaged across processes only on the last micro-step.
                 sync = accelerator.no_sync(model) if micro < accumulation - 1 and world_size > 1 else nullcontext()

@@ -1,0 +1,300 @@
+"""Pretraining end to end on a tiny model and test-made text: train, resume, export, bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from training import checkpoint as checkpoint_module
+from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from training.config import build_config, parse_args
+from training.data import RandomWindowBatches
+from training.evaluate import flops_per_token
+from training.pretrain import TrainingError, train
+
+from .conftest import tiny_config, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory, corpus) -> Path:
+    """Forty small documents as .txt files."""
+    folder = tmp_path_factory.mktemp("text")
+    for i in range(40):
+        (folder / f"doc{i:02d}.txt").write_text(" ".join(corpus[i % len(corpus):] [:3]) + f" Document {i}.")
+    return folder
+
+
+def settings(text_dir: Path, out: Path, **overrides) -> dict:
+    """A few-second run: a 2-layer, 32-wide model on 32-token windows."""
+    values = dict(
+        out=str(out), data=str(text_dir), val_fraction=0.1, model_preset="tiny",
+        model={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "num_key_value_heads": 2, "max_position_embeddings": 64, "vocab_size": 320},
+        seq_len=32, batch_size=4, batch_tokens=128, max_steps=8, max_time=None, eval_every=4,
+        eval_tokens=512, log_every=1, checkpoint_every=0, sample_every=0, sample_tokens=4,
+        sample_prompts=["The cat"], report_to="none", progress=False, lr_embed=0.05, lr_head=0.01,
+        muon_momentum_warmup_steps=4,
+    )
+    values.update(overrides)
+    return values
+
+
+def losses(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if row["kind"] == "train"]
+
+
+def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path, text_dir):
+    run = tmp_path / "run"
+    summary = train(build_config(settings(text_dir, run, max_steps=30, eval_every=0, lr_matrix=0.05)))
+    curve = losses(run)
+    assert len(curve) == 30 and sum(curve[-5:]) / 5 < curve[0] - 0.5
+    assert summary["final_val_bpb"] > 0 and (run / "summary.json").is_file()
+
+    model = AutoModelForCausalLM.from_pretrained(run).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    ids = tokenizer("The cat", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=5, do_sample=False).shape[1] == ids.shape[1] + 5
+    card = (run / "README.md").read_text()
+    assert f"{summary['final_val_bpb']:.4f}" in card and "{" not in card.split("---", 2)[2].replace("{%", "")
+    assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    recorded = json.loads((run / "versions.json").read_text())
+    assert recorded["torch"] == torch.__version__.split("+")[0] or recorded["torch"].startswith(torch.__version__[:4])
+
+
+def test_generate_command_reads_a_run_folder(tmp_path, text_dir, capsys):
+    from training.generate import main as generate_main
+
+    run = tmp_path / "run"
+    train(build_config(settings(text_dir, run, max_steps=4, eval_every=0)))
+    capsys.readouterr()
+    assert generate_main([str(run), "The cat", "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("The cat")
+    assert generate_main([str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_resume_after_a_stop_matches_the_uninterrupted_run(tmp_path, text_dir, monkeypatch):
+    straight = tmp_path / "straight"
+    train(build_config(settings(text_dir, straight)))
+
+    # Send ourselves SIGINT while step 4 (index 3) reads its batch: the loop finishes that step,
+    # writes a checkpoint and stops, as it does for Ctrl-C.
+    original = RandomWindowBatches.batch_at
+
+    def interrupting(self, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, step)
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(RandomWindowBatches, "batch_at", interrupting)
+    result = train(build_config(settings(text_dir, interrupted)))
+    assert result["stopped"] and result["step"] == 4
+    assert latest_checkpoint(interrupted).name == "step_00000004"
+    monkeypatch.setattr(RandomWindowBatches, "batch_at", original)
+
+    train(build_config(settings(text_dir, interrupted, resume=True)))
+    assert losses(interrupted) == losses(straight)
+
+
+def test_batch_tokens_become_gradient_accumulation(tmp_path, text_dir):
+    """Two micro-steps of 2 rows give the same losses as one step of 4 rows: the same tokens."""
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    train(build_config(settings(text_dir, one, max_steps=3, eval_every=0, batch_size=4)))
+    train(build_config(settings(text_dir, two, max_steps=3, eval_every=0, batch_size=2, data_cache=str(one / "data"))))
+    torch.testing.assert_close(torch.tensor(losses(one)), torch.tensor(losses(two)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_data_parallel_processes_match_one_process(tmp_path, text_dir):
+    """torchrun --nproc_per_node 2 (gloo, CPU) with 2 rows each == 1 process with 4 rows."""
+    single = tmp_path / "single"
+    train(build_config(settings(text_dir, single, max_steps=4, eval_every=0)))
+    config = tmp_path / "ddp.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(settings(text_dir, tmp_path / "ddp", max_steps=4, eval_every=0, batch_size=2,
+                                              data_cache=str(single / "data"))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+         "-m", "training.pretrain", "--config", str(config)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["processes"] == 2
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "ddp")), torch.tensor(losses(single)), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- checkpoints under failure
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    model = tiny_model()
+    optimizers = [torch.optim.AdamW(model.parameters())]
+    save_checkpoint(tmp_path, model, optimizers, {"step": 1, "tokens": 0, "time": 0.0})
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")  # not an OSError: no clean-up runs, as with a kill
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, model, optimizers, {"step": 2, "tokens": 0, "time": 0.0})
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    assert load_checkpoint(latest_checkpoint(tmp_path), tiny_model(), [torch.optim.AdamW(model.parameters())])["step"] == 1
+
+
+KILL_LOOP = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, sys.argv[2])
+    from tests.conftest import tiny_model
+    from training.checkpoint import save_checkpoint
+    model = tiny_model(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, vocab_size=2048)
+    optimizers = [torch.optim.AdamW(model.parameters())]
+    model(torch.ones(1, 2, dtype=torch.long)).logits.sum().backward(); optimizers[0].step()
+    step = 0
+    while True:
+        step += 1
+        save_checkpoint(sys.argv[1], model, optimizers, {"step": step, "tokens": 0, "time": 0.0}, keep=2)
+        print(step, flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_never_breaks_the_latest_checkpoint(tmp_path):
+    import random
+    import time
+
+    rng = random.Random(0)
+    for attempt in range(3):
+        folder = tmp_path / f"run{attempt}"
+        process = subprocess.Popen([sys.executable, "-c", KILL_LOOP, str(folder), str(ROOT)], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == "1"  # one checkpoint is complete
+        time.sleep(rng.uniform(0.05, 1.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        latest = latest_checkpoint(folder)
+        model = tiny_model(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, vocab_size=2048)
+        state = load_checkpoint(latest, model, [torch.optim.AdamW(model.parameters())])
+        assert state["step"] >= 1
+
+
+def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
+    model = tiny_model()
+    optimizers = [torch.optim.AdamW(model.parameters())]
+    save_checkpoint(tmp_path, model, optimizers, {"step": 1, "tokens": 0, "time": 0.0})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full)
+    with pytest.raises(CheckpointError, match=r"disk is full.*step_00000001 is intact.*--resume"):
+        save_checkpoint(tmp_path, model, optimizers, {"step": 2, "tokens": 0, "time": 0.0})
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert latest_checkpoint(tmp_path).name == "step_00000001"
+
+
+def test_corrupt_and_mismatched_checkpoints_are_named(tmp_path, text_dir):
+    run = tmp_path / "run"
+    train(build_config(settings(text_dir, run, max_steps=2, eval_every=0)))
+    with pytest.raises(CheckpointError, match=r"different model \(hidden_size: checkpoint 32, now 48"):
+        train(build_config(settings(text_dir, run, resume=True, max_steps=4,
+                                    model={**settings(text_dir, run)["model"], "hidden_size": 48})))
+    weights = latest_checkpoint(run) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"is corrupt.*Delete that folder"):
+        train(build_config(settings(text_dir, run, resume=True, max_steps=4)))
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path, text_dir, monkeypatch):
+    from iterative_llm import IterativeLLMForCausalLM
+
+    forward = IterativeLLMForCausalLM.forward
+
+    def poisoned(self, *args, **kwargs):
+        output = forward(self, *args, **kwargs)
+        if self.training and output.loss is not None:
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(IterativeLLMForCausalLM, "forward", poisoned)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 1.*Lower the learning rates"):
+        train(build_config(settings(text_dir, tmp_path / "run")))
+
+
+# ---------------------------------------------------------------- bad settings and data
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path, text_dir):
+    run = tmp_path / "run"
+    train(build_config(settings(text_dir, run, max_steps=2, eval_every=0)))
+    with pytest.raises(TrainingError, match="already holds checkpoints. Pass --resume"):
+        train(build_config(settings(text_dir, run, max_steps=2)))
+    with pytest.raises(TrainingError, match="no checkpoint to resume from"):
+        train(build_config(settings(text_dir, tmp_path / "fresh", resume=True)))
+
+
+def test_missing_and_empty_data_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        train(build_config(settings(tmp_path / "nowhere", tmp_path / "run")))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    with pytest.raises(ValueError, match="no"):
+        train(build_config(settings(empty, tmp_path / "run2")))
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, text_dir, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    values = settings(text_dir, tmp_path / "run", tokenizer=str(tmp_path / "tok"))
+    values["model"] = {**values["model"], "vocab_size": len(tokenizer) - 20}
+    with pytest.raises(ValueError, match=f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size"):
+        train(build_config(values))
+
+
+def test_command_line_parsing_and_its_errors(capsys):
+    config = parse_args(["--preset", "tiny", "--max_steps", "7", "--max-time", "none", "--model.hidden_size", "64",
+                         "--sample_prompts", "[a, b]", "--report_to", "none", "--resume"])
+    assert (config.max_steps, config.max_time, config.model["hidden_size"], config.report_to, config.resume) == (
+        7, None, 64, "none", True)
+    assert config.data == "builtin:python-docs"  # from the preset
+    with pytest.raises(ValueError, match="Unknown training preset 'huge'. Available presets: gpt1, gpt2-small, tiny"):
+        parse_args(["--preset", "huge"])
+    with pytest.raises(ValueError, match="Unknown training field 'learning_rate'"):
+        build_config({"learning_rate": 1.0})
+    with pytest.raises(SystemExit):
+        parse_args(["--no-such-flag", "1"])
+
+
+def test_the_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    from iterative_llm.cli import main as cli_main
+
+    assert cli_main(["train", "--preset", "huge"]) == 2
+    assert "Unknown training preset" in capsys.readouterr().err
+    assert cli_main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"), "--report_to", "none"]) == 1
+    err = capsys.readouterr().err
+    assert "missing" in err and "Traceback" not in err
+
+
+def test_flops_per_token_matches_a_hand_count():
+    config = tiny_config()  # 2 layers, C=64, H=4 heads of 16, K=2 kv heads, I=128, V=128, relu2
+    per_layer = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 64 * 128 + 128 * 64  # q, k, v, o, up, down
+    matmul_params = 2 * per_layer + 64 * 128  # + head
+    assert flops_per_token(config, seq_len=32) == 6 * matmul_params + 12 * 2 * 4 * 16 * 32

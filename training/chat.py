@@ -1,0 +1,168 @@
+"""Talk to a chat model in the terminal: `iterative-llm chat runs/NAME-sft`.
+
+Each turn renders the whole conversation with the model's chat template, streams the reply token by
+token as it is generated, and adds it to the conversation. Commands: `/reset` starts a new
+conversation, `/exit` (or Ctrl-D) leaves; Ctrl-C during a reply stops that reply, Ctrl-C at the
+prompt leaves. When the conversation outgrows the model's context, the oldest turns are dropped.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, TextIO
+
+import torch
+from transformers import HfArgumentParser, TextStreamer
+
+from training.alignment_data import end_of_turn_ids, load_tokenizer_with_template
+
+
+@dataclass
+class ChatArguments:
+    model_name_or_path: str = field(metadata={"help": "A chat model folder (written by `iterative-llm sft` or `dpo`)."})
+    system_prompt: str | None = field(default=None, metadata={"help": "A system message that opens the conversation."})
+    max_new_tokens: int = field(default=256, metadata={"help": "The longest reply, in tokens."})
+    do_sample: bool = field(default=True, metadata={"help": "Sample replies (--do_sample false: greedy)."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling: keep the most likely tokens up to this mass."})
+    repetition_penalty: float = field(default=1.1, metadata={"help": "Penalty on tokens already in the conversation."})
+    seed: int | None = field(default=None, metadata={"help": "Seed for reproducible sampling."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run the modeling code shipped in the folder."})
+
+
+class _ReplyStreamer(TextStreamer):
+    """Writes the decoded reply to `out` as it is generated, and keeps the reply's token ids."""
+
+    def __init__(self, tokenizer, out: TextIO):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.out = out
+        self.reply_ids: list[int] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.next_tokens_are_prompt:  # the first call carries the prompt
+            self.reply_ids.extend(value.reshape(-1).tolist())
+        super().put(value)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.out.write(text + ("\n" if stream_end else ""))
+        self.out.flush()
+
+
+class ChatSession:
+    """A conversation with a model: `reply(text)` streams and returns the assistant's answer."""
+
+    def __init__(self, model, tokenizer, args: ChatArguments, out: TextIO | None = None):
+        self.model, self.tokenizer, self.args = model, tokenizer, args
+        self.out = sys.stdout if out is None else out
+        self.stop_ids = end_of_turn_ids(tokenizer)
+        # A reply may take at most half the model's context, so some of the conversation always fits.
+        self.limit = getattr(model.config, "max_position_embeddings", None)
+        self.max_new_tokens = args.max_new_tokens if self.limit is None else min(args.max_new_tokens, self.limit // 2)
+        self.messages: list[dict[str, str]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.args.system_prompt}] if self.args.system_prompt else []
+
+    def _prompt_ids(self) -> torch.Tensor:
+        """The conversation rendered for the next reply, dropping the oldest turns until it fits the context."""
+        while True:
+            ids = self.tokenizer.apply_chat_template(
+                self.messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+            if self.limit is None or len(ids) + self.max_new_tokens <= self.limit:
+                return torch.tensor([ids], device=self.model.device)
+            first = 1 if self.messages[0]["role"] == "system" else 0
+            if len(self.messages) - first <= 1:  # only the new message is left: keep its end
+                return torch.tensor([ids[-(self.limit - self.max_new_tokens) :]], device=self.model.device)
+            del self.messages[first : first + 2]  # the oldest exchange
+            self.out.write("(older turns dropped to fit the model's context)\n")
+
+    @torch.no_grad()
+    def reply(self, text: str) -> str:
+        self.messages.append({"role": "user", "content": text})
+        input_ids = self._prompt_ids()
+        sampling = dict(temperature=self.args.temperature, top_p=self.args.top_p) if self.args.do_sample else {}
+        streamer = _ReplyStreamer(self.tokenizer, self.out)
+        try:
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=self.max_new_tokens,
+                do_sample=self.args.do_sample,
+                repetition_penalty=self.args.repetition_penalty,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+                streamer=streamer,
+                **sampling,
+            )
+            new_tokens = output[0, input_ids.shape[1] :]
+        except KeyboardInterrupt:
+            # Ctrl-C stops this reply; what was shown so far is kept as the answer.
+            self.out.write(" [stopped]\n")
+            new_tokens = streamer.reply_ids
+        answer = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer
+
+
+def chat_loop(session: ChatSession, read: Callable[[str], str] = input, interactive: bool = True) -> int:
+    """Read lines until Ctrl-D, Ctrl-C or /exit, answering each. Returns the exit status (0)."""
+    out = session.out
+    if interactive:
+        out.write("Chatting with the model. /reset starts over, /exit or Ctrl-D leaves.\n")
+    while True:
+        try:
+            line = read("you> " if interactive else "").strip()
+        except EOFError:
+            out.write("\nbye\n")
+            return 0
+        except KeyboardInterrupt:
+            out.write("\ninterrupted, bye\n")
+            return 0
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            out.write("bye\n")
+            return 0
+        if line == "/reset":
+            session.reset()
+            out.write("(new conversation)\n")
+            continue
+        out.write("assistant> ")
+        out.flush()
+        session.reply(line)
+
+
+def load_chat_model(args: ChatArguments):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer_with_template(args.model_name_or_path, args.trust_remote_code)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_name_or_path, dtype=dtype, trust_remote_code=args.trust_remote_code
+    ).to(device).eval()
+    return model, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--model_name_or_path", argv[0], *argv[1:]]  # `iterative-llm chat MODEL [options]`
+    parser = HfArgumentParser(ChatArguments, prog="iterative-llm chat")
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    try:
+        model, tokenizer = load_chat_model(args)
+    except KeyboardInterrupt:
+        return 0
+    session = ChatSession(model, tokenizer, args)
+    return chat_loop(session, interactive=sys.stdin.isatty())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,219 @@
+"""Supervised fine-tuning with TRL's SFTTrainer: a pretrained model folder + conversations -> a chat model.
+
+    iterative-llm sft --model_name_or_path runs/NAME --dataset_name conversations.jsonl --output_dir runs/NAME-sft
+    iterative-llm sft --config training/presets/sft-tiny.yaml --max_steps 50      # YAML, then overrides
+    accelerate launch -m training.sft --config ...                                  # one or more GPUs
+
+The shape of TRL's own `trl/scripts/sft.py`: dataclass arguments parsed by `TrlParser` (which reads
+`--config x.yaml` and lets the command line override it) and a `main()`. What this script adds:
+- data in any common shape (`training/alignment_data.py`): hub name or local file/folder; `messages`,
+  prompt/completion, question/answer, instruction/response or "### Human: ... ### Assistant: ..." text;
+- our chat template renders every conversation, and the loss covers the assistant replies and their
+  closing `<|end|>` only (`assistant_only_loss`, through the template's {% generation %} markers);
+- packing on by default (padding-free: each packed sequence attends only to itself);
+- CPU-safe defaults: bf16 and gradient checkpointing only on a GPU, unless asked for;
+- optional LoRA (`--use_peft`), merged into the saved weights;
+- evaluation before and after on held-out conversations: the loss on the replies, and the share of
+  held-out prompts whose greedy reply ends its turn with `<|end|>`;
+- a Hugging Face model folder with tokenizer, chat template, a generation config that stops at the
+  end of the turn, and a model card section with the stage, data, steps and figures.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import trl
+from trl import ModelConfig, SFTTrainer, TrlParser
+
+from training.alignment_data import (
+    DataArguments,
+    default_output_dir,
+    end_of_turn_ids,
+    load_sft_dataset,
+    load_starting_model,
+    peft_config_from,
+    read_model_card,
+    resolve_device_defaults,
+    save_chat_model,
+    write_summary,
+)
+from training.model_card import append_model_card_section
+
+
+@dataclass
+class SFTScriptArguments(DataArguments):
+    eval_generations: int = field(
+        default=100,
+        metadata={"help": "Held-out prompts to answer greedily when measuring how many replies end their turn "
+                  "(0: skip the measurement)."},
+    )
+    eval_max_new_tokens: int = field(
+        default=128, metadata={"help": "Token limit of each evaluation reply; a reply must end its turn within it."}
+    )
+
+
+@dataclass
+class SFTConfig(trl.SFTConfig):
+    """TRL's SFTConfig with our defaults: packing and assistant-only loss on; bf16 and gradient
+    checkpointing decided by the hardware unless set (see `resolve_device_defaults`)."""
+
+    packing: bool = field(default=True, metadata={"help": "Pack conversations into max_length sequences."})
+    assistant_only_loss: bool = field(default=True, metadata={"help": "Train on the assistant replies only."})
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Recompute activations in backward (default: on a GPU only)."}
+    )
+
+    def __post_init__(self):
+        resolve_device_defaults(self)
+        super().__post_init__()
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((SFTScriptArguments, SFTConfig, ModelConfig), prog="iterative-llm sft")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def heldout_loss(trainer: SFTTrainer, heldout) -> float:
+    """Mean loss per reply token on held-out conversations (the same masking as training)."""
+    return trainer.evaluate(eval_dataset=heldout, metric_key_prefix="heldout")["heldout_loss"]
+
+
+@torch.no_grad()
+def end_of_turn_share(model, tokenizer, conversations, max_new_tokens: int = 128, batch_size: int = 16) -> dict:
+    """Greedy replies to held-out prompts: how many end their turn (emit `<|end|>`) within `max_new_tokens`.
+
+    Each conversation is cut before its last assistant reply and rendered with the generation prompt.
+    Prompts too long to leave room for the reply are skipped. Returns {"ended", "n", "share", "samples"}.
+    """
+    end_id = end_of_turn_ids(tokenizer)[0]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    prompts = []
+    for messages in conversations:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        ids = tokenizer.apply_chat_template(messages[:last], add_generation_prompt=True, tokenize=True, return_dict=True)
+        if limit is None or len(ids["input_ids"]) + max_new_tokens <= limit:
+            prompts.append(ids["input_ids"])
+
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"  # generation continues from the last position of every row
+    ended, samples = 0, []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer.pad({"input_ids": prompts[start : start + batch_size]}, return_tensors="pt").to(model.device)
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=end_of_turn_ids(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            for row in out[:, batch["input_ids"].shape[1] :].tolist():
+                ended += end_id in row
+                if len(samples) < 5:
+                    samples.append(tokenizer.decode(row, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    n = len(prompts)
+    return {"ended": ended, "n": n, "share": ended / n if n else float("nan"), "samples": samples}
+
+
+def evaluate(trainer: SFTTrainer, tokenizer, heldout, args: SFTScriptArguments) -> dict:
+    if heldout is None:
+        return {}
+    metrics = {"heldout_loss": heldout_loss(trainer, heldout)}
+    if args.eval_generations > 0:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        conversations = heldout.select(range(min(args.eval_generations, len(heldout))))["messages"]
+        with trainer.accelerator.autocast():
+            share = end_of_turn_share(
+                model, tokenizer, conversations, args.eval_max_new_tokens, trainer.args.per_device_eval_batch_size
+            )
+        metrics.update(end_of_turn_share=share["share"], end_of_turn_n=share["n"], samples=share["samples"])
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# The script
+
+
+def make_trainer(model, tokenizer, train_dataset, heldout, training_args: SFTConfig, peft_config=None) -> SFTTrainer:
+    return SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=heldout if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+def run(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict:
+    """Fine-tune, evaluate before and after, and write the chat model folder. Returns the figures."""
+    model, tokenizer = load_starting_model(model_args, training_args)
+    model_path = model_args.model_name_or_path
+    default_output_dir(training_args, model_path, "sft")
+    base_card = read_model_card(model_path)
+    train_dataset, heldout = load_sft_dataset(script_args, seed=training_args.seed)
+    trainer = make_trainer(model, tokenizer, train_dataset, heldout, training_args, peft_config_from(model_args))
+
+    before = evaluate(trainer, tokenizer, heldout, script_args)
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    seconds = time.time() - start
+    after = evaluate(trainer, tokenizer, heldout, script_args)
+
+    output_dir = training_args.output_dir
+    save_chat_model(trainer, tokenizer, output_dir, base_card)
+    figures = {"before": before, "after": after, "train_loss": result.training_loss,
+               "steps": result.global_step, "train_seconds": seconds}
+    if trainer.accelerator.is_main_process:
+        append_model_card_section(output_dir, "Supervised fine-tuning (SFT)", _card_rows(
+            model_path, script_args, training_args, model_args, len(train_dataset), heldout, figures))
+        write_summary(output_dir, "sft", {"model": model_path, "data": vars(script_args),
+                                          "training": training_args.to_dict(), "lora": model_args.use_peft, **figures})
+    trainer.accelerator.print(f"Chat model written to {output_dir}")
+    if hasattr(trainer, "end"):
+        trainer.end()  # finish trackers, destroy the process group (transformers >= 5.18)
+    return figures
+
+
+def _card_rows(model_path, script_args, training_args, model_args, n_train, heldout, figures) -> dict:
+    before, after = figures["before"], figures["after"]
+    rows = {
+        "stage": "supervised fine-tuning with TRL SFTTrainer (loss on assistant replies only"
+                 + (", packed" if training_args.packing else "") + ")",
+        "started from": model_path,
+        "data": f"{script_args.dataset_name} ({script_args.dataset_split}): {n_train} conversations for training, "
+                f"{0 if heldout is None else len(heldout)} held out",
+        "steps": figures["steps"],
+        "learning rate, batch": f"{training_args.learning_rate:g}, {training_args.per_device_train_batch_size} x "
+                                f"{training_args.gradient_accumulation_steps} x {training_args.world_size} "
+                                f"(max_length {training_args.max_length})",
+        "LoRA": f"r={model_args.lora_r}, alpha={model_args.lora_alpha} (merged)" if model_args.use_peft else "no",
+        "mean training loss": figures["train_loss"],
+    }
+    if before:
+        rows["held-out loss (reply tokens), before -> after"] = f"{before['heldout_loss']:.4f} -> {after['heldout_loss']:.4f}"
+    if "end_of_turn_share" in after:
+        rows[f"replies that end their turn within {script_args.eval_max_new_tokens} tokens, before -> after"] = (
+            f"{before['end_of_turn_share']:.1%} -> {after['end_of_turn_share']:.1%} (n={after['end_of_turn_n']})"
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    run(script_args, training_args, model_args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
