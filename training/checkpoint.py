@@ -125,9 +125,9 @@ def load_checkpoint(path: Path, model, optimizers) -> dict[str, Any]:
         raise CheckpointError(f"Checkpoint {path} is corrupt or incomplete ({err}). {fallback}") from err
 
     differences = [
-        f"{name}: checkpoint {saved_config.get(name)!r}, now {getattr(model.config, name)!r}"
+        f"{name}: checkpoint {saved_config.get(name)!r}, now {getattr(model.config, name, None)!r}"
         for name in ARCHITECTURE_FIELDS
-        if saved_config.get(name) != getattr(model.config, name)
+        if saved_config.get(name) != getattr(model.config, name, None)
     ]
     if differences:
         raise CheckpointError(

@@ -78,7 +78,7 @@ class TrainConfig:
 
     # -- evaluation, logging, checkpoints
     eval_every: int = 200  # steps; 0 = only at the end
-    eval_tokens: int = 262_144  # validation tokens per evaluation
+    eval_tokens: int | None = 262_144  # validation tokens per evaluation; null = the whole split
     sample_every: int = 0  # steps between sample generations; 0 = only at the end
     sample_prompts: list[str] = field(default_factory=lambda: ["The meaning of", "Once upon a time", "def "])
     sample_tokens: int = 48
@@ -107,12 +107,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    """Pretraining presets; the folder also holds the alignment stages' `sft-*` and `dpo-*` files."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith(("sft-", "dpo-")))
 
 
 def load_preset(name: str) -> dict[str, Any]:
     path = PRESET_DIR / f"{name}.yaml"
-    if not path.is_file():
+    if name not in available_presets():
         raise ValueError(f"Unknown training preset {name!r}. Available presets: {', '.join(available_presets())}.")
     return load_yaml(path)
 

@@ -101,10 +101,14 @@ def flops_per_token(config, seq_len: int) -> float:
     context T, the convention of PaLM (Chowdhery et al. 2022, appendix B) and nanoGPT's MFU, so
     figures compare with theirs; causal masking halves the useful part of that term.
     """
-    hidden, heads, kv_heads, head_dim = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    # getattr defaults let the same count serve a GPT-2 baseline config (no GQA, 4x MLP).
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
     attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o + k, v
-    mlp_matrices = 3 if config.mlp_type == "swiglu" else 2
-    mlp = mlp_matrices * hidden * config.intermediate_size
+    mlp_matrices = 3 if getattr(config, "mlp_type", None) == "swiglu" else 2
+    mlp = mlp_matrices * hidden * intermediate
     matmul_params = config.num_hidden_layers * (attention + mlp) + hidden * config.vocab_size
     return 6 * matmul_params + 12 * config.num_hidden_layers * heads * head_dim * seq_len
 

@@ -113,10 +113,10 @@ def export_model_folder(out: str | Path, model, tokenizer, summary: dict) -> Non
         "final_val_loss": f"{summary['final_val_loss']:.4f}",
         "final_val_bpb": f"{summary['final_val_bpb']:.4f}",
         "architecture": (
-            f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, {config.num_attention_heads} "
-            f"query heads / {config.num_key_value_heads} key-value heads, {config.mlp_type} MLP, context "
-            f"{config.max_position_embeddings}, vocabulary {config.vocab_size}, "
-            f"{'tied' if config.tie_word_embeddings else 'untied'} embeddings"
+            f"{type(model).__name__}: {config.num_hidden_layers} layers, hidden size {config.hidden_size}, "
+            f"{config.num_attention_heads} query heads / {getattr(config, 'num_key_value_heads', None) or config.num_attention_heads} "
+            f"key-value heads, {getattr(config, 'mlp_type', 'gelu')} MLP, context {config.max_position_embeddings}, "
+            f"vocabulary {config.vocab_size}, {'tied' if config.tie_word_embeddings else 'untied'} embeddings"
         ),
         "loss_curve": "![loss curve](loss_curve.png)" if has_curve else "(no curve: no training rows were logged)",
         "samples": "\n\n".join(f"```text\n{s['text']}\n```" for s in samples) or "(none)",

@@ -59,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def train(config: TrainConfig) -> dict:
-    """Run (or resume) one training run; returns the summary written to OUT/summary.json."""
+def train(config: TrainConfig, model_factory=None) -> dict:
+    """Run (or resume) one training run; returns the summary written to OUT/summary.json.
+
+    `model_factory(model_config)`, if given, builds the model to train instead of
+    IterativeLLMForCausalLM (benchmarks put a GPT-2 baseline through the same pipeline this way).
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers.utils import logging as hf_logging
@@ -129,7 +133,7 @@ def train(config: TrainConfig) -> dict:
             f"({model_config.max_position_embeddings}): lower --seq_len or set --model.max_position_embeddings."
         )
     torch.manual_seed(config.seed)
-    raw_model = IterativeLLMForCausalLM(model_config).to(device)
+    raw_model = (model_factory or IterativeLLMForCausalLM)(model_config).to(device)
     if config.activation_checkpointing:
         raw_model.gradient_checkpointing_enable()
     raw_model.train()
@@ -178,7 +182,7 @@ def train(config: TrainConfig) -> dict:
     if config.report_to != "none":
         accelerator.init_trackers("pretrain", config=_scalar_config(config))
 
-    flops_token = flops_per_token(model_config, config.seq_len)
+    flops_token = flops_per_token(raw_model.config, config.seq_len)
     peak = peak_flops(device)
     metrics_file = out / "metrics.jsonl"
 
