@@ -166,10 +166,11 @@ class IterativeLLMAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
-        # (B, T, C) -> (B, T, heads, D) -> (B, heads, T, D)
-        query = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
-        key = self.k_proj(hidden_states).view(batch, length, self.num_key_value_heads, self.head_dim)
-        value = self.v_proj(hidden_states).view(batch, length, self.num_key_value_heads, self.head_dim)
+        # (B, T, C) -> (B, T, heads, D) -> (B, heads, T, D). The head counts are inferred (-1), so
+        # the same code runs when tensor parallelism gives each device a share of the heads.
+        query = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim)
+        key = self.k_proj(hidden_states).view(batch, length, -1, self.head_dim)
+        value = self.v_proj(hidden_states).view(batch, length, -1, self.head_dim)
         if self.config.qk_norm:
             query, key = self.q_norm(query), self.k_norm(key)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
@@ -194,7 +195,7 @@ class IterativeLLMAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        output = output.reshape(batch, length, self.num_heads * self.head_dim)  # (B, T, H*D)
+        output = output.reshape(batch, length, -1)  # (B, T, H*D)
         return self.o_proj(output), weights
 
 
@@ -310,8 +311,9 @@ class IterativeLLMModel(IterativeLLMPreTrainedModel):
     def _check_inputs(self, input_ids: torch.Tensor | None, new_tokens: int, past_tokens: int) -> None:
         """Clear errors for the two inputs that otherwise fail deep inside torch or silently.
 
-        Skipped while torch.compile traces, so compiled training and generation stay free of
-        host-device synchronisation (the training data is checked once when it is loaded).
+        Skipped while torch.compile traces. The token-id check reads values back to the host, so on
+        an accelerator it runs only outside training: a training step stays free of host-device
+        synchronisation (the training data's ids are checked once, when its shards are loaded).
         """
         if torch.compiler.is_compiling():
             return
@@ -322,7 +324,7 @@ class IterativeLLMModel(IterativeLLMPreTrainedModel):
                 f"longer than this model's max_position_embeddings ({limit}). Shorten the input or "
                 f"max_new_tokens, or train a model with a larger `max_position_embeddings`."
             )
-        if input_ids is not None and input_ids.numel() > 0:
+        if input_ids is not None and input_ids.numel() > 0 and (input_ids.device.type == "cpu" or not self.training):
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 bad = high if high >= self.config.vocab_size else low
@@ -390,6 +392,10 @@ class IterativeLLMForCausalLM(IterativeLLMPreTrainedModel, GenerationMixin):
     """The backbone plus the output head: next-token logits, and the loss when labels are given."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # transformers shards `embed_tokens` on the vocabulary whenever the config has a TP plan
+    # (distributed/mixin.py); a head tied to it must be sharded too (test_tied_weights_are_sharded_together).
+    # Same entry as LlamaForCausalLM in transformers 5.24.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: IterativeLLMConfig):
         super().__init__(config)

@@ -10,7 +10,9 @@ import torch
 # Tests never touch the network: the hub is unreachable in CI, and a test must not wait on it.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# Under pytest-xdist each worker gets one thread: two workers with two OpenMP threads each
+# oversubscribe 2 cores, and a tiny training step then runs tens of times slower.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 import iterative_llm  # noqa: E402  (registers the Auto classes)
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM  # noqa: E402
