@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass, field
 
 MISSING = "—"  # a field one run has and another does not
+# Fields that name or steer the run folder itself, not what is trained: always different, never news.
+BOOKKEEPING = {"train.out", "train.resume", "out", "resume"}
 
 
 class CompareError(Exception):
@@ -32,7 +34,7 @@ class Run:
     evals: list[dict]  # the metrics.jsonl rows of kind "eval", in order
     config: dict  # run_config.yaml, nested keys joined with dots
     summary: dict = field(default_factory=dict)
-    last_tokens: int | None = None  # from the last row of any kind
+    last_tokens: int | None = None  # the most tokens and time any row of metrics.jsonl records
     last_time: float | None = None
 
     def final(self, key: str):
@@ -67,7 +69,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def read_metrics(path: str) -> tuple[list[dict], int | None, float | None]:
-    """(eval rows, tokens and time of the last row) from metrics.jsonl.
+    """(eval rows, the most tokens and time any row records) from metrics.jsonl.
 
     A half-written last line (a run still training, or killed mid-write) is skipped; a bad line
     anywhere else is an error.
@@ -194,9 +196,18 @@ def _value(v) -> str:
 
 
 def differing_fields(runs: list[Run]) -> list[str]:
-    """Config fields whose values are not the same in every run, in the order they first appear."""
-    keys = list(dict.fromkeys(k for run in runs for k in run.config))
-    return [k for k in keys if len({json.dumps(r.config.get(k, MISSING), sort_keys=True, default=str) for r in runs}) > 1]
+    """Config fields whose values are not the same in every run, in the order they first appear.
+
+    Runs without a run_config.yaml are left out of the comparison (their column shows "—"), and so
+    are the fields that only name the run folder (`out`, `resume`).
+    """
+    known = [run for run in runs if run.config]
+    keys = [k for k in dict.fromkeys(k for run in known for k in run.config) if k not in BOOKKEEPING]
+
+    def values(key):
+        return {json.dumps(run.config.get(key, MISSING), sort_keys=True, default=str) for run in known}
+
+    return [k for k in keys if len(values(k)) > 1]
 
 
 def table(runs: list[Run]) -> str:

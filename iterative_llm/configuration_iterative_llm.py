@@ -70,6 +70,11 @@ class IterativeLLMConfig(PretrainedConfig):
         final_logit_softcapping: if set, logits become `cap * tanh(logits / cap)`.
         attention_dropout, hidden_dropout: dropout probabilities (0 by default: no dropout).
         initializer_range: standard deviation of the normal initialisation of weight matrices.
+        embedding_init_std: standard deviation of the token embedding's initialisation. Default:
+            1.0 for an untied embedding followed by `embedding_norm` (the norm makes its scale
+            irrelevant to the forward pass, and the speedruns' embedding learning rates assume
+            unit-scale rows: modded-nanogpt, nanochat); `initializer_range` when the embedding is
+            tied to the head, where its scale sets the initial logits.
     """
 
     model_type = "iterative_llm"
@@ -107,6 +112,7 @@ class IterativeLLMConfig(PretrainedConfig):
         attention_dropout: float = 0.0,
         hidden_dropout: float = 0.0,
         initializer_range: float = 0.02,
+        embedding_init_std: float | None = None,
         use_cache: bool = True,
         bos_token_id: int | None = 0,
         eos_token_id: int | list[int] | None = 0,
@@ -133,6 +139,9 @@ class IterativeLLMConfig(PretrainedConfig):
         self.attention_dropout = attention_dropout
         self.hidden_dropout = hidden_dropout
         self.initializer_range = initializer_range
+        if embedding_init_std is None:
+            embedding_init_std = 1.0 if embedding_norm and not tie_word_embeddings else initializer_range
+        self.embedding_init_std = embedding_init_std
         self.use_cache = use_cache
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id

@@ -573,8 +573,10 @@ def _step_tokens(ex: Explanation) -> Step:
     shown, more = _listed(ex)
     rows = [f"{'#':>3}  {'piece':<22} {'bytes (hex)':<24} note"]
     for t in shown:
-        note = "special token" if t.special else t.note
-        rows.append(f"{t.index:>3}  {t.shown:<22} {_hex(t.raw):<24} {note}".rstrip())
+        if t.special:  # matched as a whole string and given one id; the tokenizer never splits it
+            rows.append(f"{t.index:>3}  {t.shown:<22} {'(special token)':<24} one id for the whole marker")
+        else:
+            rows.append(f"{t.index:>3}  {t.shown:<22} {_hex(t.raw):<24} {t.note}".rstrip())
     text = (
         f"Sentence: {ex.text!r}\n\n"
         f"The tokenizer cuts the sentence into {ex.length} pieces from its vocabulary. It is a byte-level BPE:\n"
@@ -860,8 +862,9 @@ def write_pictures(ex: Explanation, steps: list[Step], out_dir: str) -> list[str
         written.append(path)
 
     # The chosen head, step by step: raw scores, scaled, masked, softmax weights (2 x 2 panels).
-    cell = 0.4 if T <= 12 else max(0.1, 5.0 / T)
-    side = max(3.4, cell * T + 1.6)
+    # Each panel: 0.4 inch per token while the numbers are printed in the cells, then growing
+    # more slowly, up to 7.5 inches for a long sentence.
+    side = max(3.4, 0.4 * T + 1.6) if T <= 12 else min(7.5, 6.4 + 0.02 * T)
     fig = Figure(figsize=(2 * side + 1.2, 2 * side + 0.8), layout="constrained")
     axes = fig.subplots(2, 2).ravel()
     hidden = (ex.mask < -1e30).numpy()  # entries the causal mask removes

@@ -288,7 +288,7 @@ class IterativeLLMPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=std)
+            init.normal_(module.weight, mean=0.0, std=self.config.embedding_init_std)
         elif isinstance(module, IterativeLLMRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, IterativeLLMRotaryEmbedding):

@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from training import checkpoint as checkpoint_module
 from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import build_config, parse_args
-from training.data import RandomWindowBatches
-from training.evaluate import flops_per_token
+from training.data import RandomWindowBatches, ShardedDataset, token_byte_lengths
+from training.evaluate import evaluate, flops_per_token
 from training.pretrain import TrainingError, train
 
 from .conftest import tiny_config, tiny_model
@@ -65,6 +65,13 @@ def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path, text_di
 
     model = AutoModelForCausalLM.from_pretrained(run).eval()
     tokenizer = AutoTokenizer.from_pretrained(run)
+    # The loss trained on is the next-token loss that evaluation measures: scored on training
+    # windows, the final model's evaluation loss is close to the last training losses (a label
+    # shifted one place too far, say, would leave them far apart).
+    on_train = evaluate(model, ShardedDataset.open(run / "data").split("train"), torch.from_numpy(
+        token_byte_lengths(tokenizer).astype("int64")), batch_size=4, seq_len=32, max_tokens=4096,
+        device=torch.device("cpu"))
+    assert abs(on_train["val_loss"] - sum(curve[-5:]) / 5) < 0.3
     ids = tokenizer("The cat", return_tensors="pt").input_ids
     assert model.generate(ids, max_new_tokens=5, do_sample=False).shape[1] == ids.shape[1] + 5
     card = (run / "README.md").read_text()

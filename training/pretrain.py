@@ -257,6 +257,10 @@ def train(config: TrainConfig, model_factory=None) -> dict:
             for micro in range(accumulation):
                 batch = micro_batches[micro].batch_at(state["step"])
                 inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                # The batch's labels are already the next tokens: transformers' loss takes them as
+                # `shift_labels` (no second shift); `labels` only switches the loss on.
+                inputs["shift_labels"] = inputs.pop("labels")
+                inputs["labels"] = inputs["input_ids"]
                 # Gradients are averaged across processes only on the last micro-step.
                 sync = accelerator.no_sync(model) if micro < accumulation - 1 and world_size > 1 else nullcontext()
                 with sync:
