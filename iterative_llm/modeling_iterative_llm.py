@@ -308,23 +308,36 @@ class IterativeLLMModel(IterativeLLMPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def _check_inputs(self, input_ids: torch.Tensor | None, new_tokens: int, past_tokens: int) -> None:
+    def _check_inputs(
+        self, input_ids: torch.Tensor | None, position_ids: torch.Tensor | None, new_tokens: int, past_tokens: int
+    ) -> None:
         """Clear errors for the two inputs that otherwise fail deep inside torch or silently.
 
-        Skipped while torch.compile traces. The token-id check reads values back to the host, so on
-        an accelerator it runs only outside training: a training step stays free of host-device
+        Skipped while torch.compile traces. Checks that read values back to the host run on an
+        accelerator only outside training, so a training step stays free of host-device
         synchronisation (the training data's ids are checked once, when its shards are loaded).
         """
         if torch.compiler.is_compiling():
             return
         limit = self.config.max_position_embeddings
-        if past_tokens + new_tokens > limit:
+        can_read_values = not self.training or (input_ids if input_ids is not None else position_ids).device.type == "cpu"
+        if position_ids is not None:
+            # Packed (padding-free) rows hold several sequences whose positions restart: the
+            # positions, not the row length, must fit the context.
+            longest = int(position_ids.max()) + 1 if can_read_values and position_ids.numel() else 0
+            if longest > limit:
+                raise ValueError(
+                    f"Position {longest - 1} is beyond this model's max_position_embeddings ({limit}): a sequence "
+                    f"is {longest} tokens long. Shorten the input or max_new_tokens, or train a model with a "
+                    f"larger `max_position_embeddings`."
+                )
+        elif past_tokens + new_tokens > limit:
             raise ValueError(
                 f"The sequence is {past_tokens + new_tokens} tokens long ({past_tokens} cached + {new_tokens} new), "
                 f"longer than this model's max_position_embeddings ({limit}). Shorten the input or "
                 f"max_new_tokens, or train a model with a larger `max_position_embeddings`."
             )
-        if input_ids is not None and input_ids.numel() > 0 and (input_ids.device.type == "cpu" or not self.training):
+        if input_ids is not None and input_ids.numel() > 0 and can_read_values:
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 bad = high if high >= self.config.vocab_size else low
@@ -354,7 +367,7 @@ class IterativeLLMModel(IterativeLLMPreTrainedModel):
             cache = DynamicCache(config=self.config)
         past_tokens = cache.get_seq_length() if cache is not None else 0
         new_tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        self._check_inputs(input_ids, new_tokens, past_tokens)
+        self._check_inputs(input_ids, position_ids, new_tokens, past_tokens)
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)

@@ -366,6 +366,15 @@ def test_sequence_longer_than_max_positions_is_refused(model):
         model(ids(1, 65))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model.generate(ids(1, 60), max_new_tokens=10, do_sample=False)
+    with pytest.raises(ValueError, match=r"Position 70 is beyond this model's max_position_embeddings \(64\)"):
+        model(ids(1, 71), position_ids=torch.arange(71)[None])
+
+
+def test_packed_rows_longer_than_the_context_are_fine_when_positions_restart(model):
+    """TRL's padding-free packing flattens a batch into one row; each sequence still fits."""
+    first, second = ids(1, 40, seed=8), ids(1, 40, seed=9)
+    packed = model(torch.cat([first, second], 1), position_ids=torch.cat([torch.arange(40), torch.arange(40)])[None])
+    torch.testing.assert_close(packed.logits[:, 40:], model(second).logits)
 
 
 def test_tokenizer_with_a_larger_vocabulary_is_refused(tokenizer):

@@ -102,7 +102,7 @@ def load_rows(name: str, config: str | None = None, split: str = "train"):
         raise FileNotFoundError(f"Dataset {name!r}: no such file or folder.")
     try:
         return _pick_split(datasets.load_dataset(name, name=config), split, name)
-    except (FileNotFoundError, ConnectionError, OSError) as err:
+    except OSError as err:  # not found, offline, unreachable
         raise FileNotFoundError(
             f"Could not load dataset {name!r}: it is not a local file or folder, and loading it from the Hugging Face "
             f"hub failed ({type(err).__name__}: {err}). Pass a local .jsonl/.parquet file or folder, or check the "
@@ -408,23 +408,29 @@ def resolve_device_defaults(args) -> None:
     """TRL defaults to bf16 and gradient checkpointing, which fail or only cost time on a CPU.
 
     `bf16=None` becomes True only on a GPU that supports it; `gradient_checkpointing=None` becomes
-    False on a CPU and TRL's default (True) on a GPU. Explicit values are left alone.
+    False on a CPU and TRL's default (True) on a GPU. Explicit values are left alone. On a machine
+    with no accelerator at all, `use_cpu` is set (so `torchrun` gives CPU data parallelism rather
+    than independent copies of the run) and the data loader does not pin memory.
     """
     import torch
 
-    gpu = torch.cuda.is_available() and not getattr(args, "use_cpu", False)
+    gpu = torch.cuda.is_available() and not args.use_cpu
     if args.bf16 is None and not args.fp16:
         args.bf16 = bool(gpu and torch.cuda.is_bf16_supported())
     if args.gradient_checkpointing is None:
         args.gradient_checkpointing = gpu
+    accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
+        hasattr(torch, "xpu") and torch.xpu.is_available())
+    if not accelerator:
+        args.use_cpu = True
+    if not gpu:
+        args.dataloader_pin_memory = False  # pinned memory only speeds up copies to a GPU
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
     """The ids that end an assistant reply: the chat template's `<|end|>` (if the vocabulary has it), then eos."""
-    ids = []
-    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if end_id is not None and end_id != tokenizer.unk_token_id and END_OF_TURN in tokenizer.get_vocab():
-        ids.append(end_id)
+    vocab = tokenizer.get_vocab()
+    ids = [vocab[END_OF_TURN]] if END_OF_TURN in vocab else []
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
@@ -476,11 +482,9 @@ def load_causal_lm(path: str, model_args, trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = model_args.dtype
-    if dtype in (None, "auto"):
-        dtype = "auto" if dtype == "auto" else torch.float32
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = model_args.dtype or "float32"
+    if dtype != "auto":
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, revision=model_args.model_revision)
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
@@ -525,20 +529,27 @@ def save_chat_model(trainer, tokenizer, output_dir: str, base_card: str) -> None
     from accelerate.utils import is_peft_model
 
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if not trainer.accelerator.is_main_process:
-        return
     if is_peft_model(model):
-        model.save_pretrained(os.path.join(output_dir, "adapter"))
-        model = model.merge_and_unload()
+        if trainer.accelerator.is_main_process:
+            model.save_pretrained(os.path.join(output_dir, "adapter"))
+            merged = model.merge_and_unload()
+            _stop_at_end_of_turn(merged, tokenizer)
+            merged.save_pretrained(output_dir)
+            tokenizer.save_pretrained(output_dir)
+    else:
+        _stop_at_end_of_turn(model, tokenizer)
+        trainer.save_model(output_dir)  # gathers sharded weights (FSDP, DeepSpeed); writes on the main process
+    if trainer.accelerator.is_main_process:
+        card = Path(output_dir) / "README.md"  # TRL's checkpoint saves write a card of their own: replace it
+        if base_card:
+            card.write_text(base_card, encoding="utf-8")
+        else:
+            card.unlink(missing_ok=True)
+
+
+def _stop_at_end_of_turn(model, tokenizer) -> None:
     model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    card = Path(output_dir) / "README.md"  # TRL's checkpoint saves write a card of their own: replace it
-    if base_card:
-        card.write_text(base_card, encoding="utf-8")
-    else:
-        card.unlink(missing_ok=True)
 
 
 def write_summary(output_dir: str, stage: str, summary: dict[str, Any]) -> None:

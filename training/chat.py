@@ -28,7 +28,7 @@ class ChatArguments:
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling: keep the most likely tokens up to this mass."})
     repetition_penalty: float = field(default=1.1, metadata={"help": "Penalty on tokens already in the conversation."})
     seed: int | None = field(default=None, metadata={"help": "Seed for reproducible sampling."})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (None: cuda when there is one)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the modeling code shipped in the folder."})
 
 
@@ -161,7 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     session = ChatSession(model, tokenizer, args)
-    return chat_loop(session, interactive=sys.stdin.isatty())
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    return chat_loop(session, interactive=interactive)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ model-folder handling through `training/alignment_data.py`. What differs:
   become the prompt);
 - the reference model is the starting checkpoint itself: a frozen copy of the weights the policy
   starts from, taken in memory before training. TRL would otherwise reload it from
-  `config._name_or_path`, which is only right while that path still holds the same weights (a folder
-  written to since, a hub name that moved, a relative path from another directory). With LoRA the
-  reference is the policy with its adapter disabled, i.e. the same starting weights, at no extra memory;
+  `config._name_or_path`, which is right only while that path names exactly these weights: not for a
+  model changed in memory after loading (an adapter merged in, resized embeddings), a folder written
+  to since, or a hub revision other than the default. With LoRA the reference is the policy with its
+  adapter disabled, i.e. the same starting weights, at no extra memory;
 - evaluation on held-out pairs before and after: preference accuracy (the share of pairs whose chosen
   reply the model finds more likely than the rejected one, by summed log-probability) and the mean
   log-probability margin, plus DPO's implicit reward accuracy and margin after training.
@@ -44,11 +45,6 @@ from training.model_card import append_model_card_section
 
 
 @dataclass
-class DPOScriptArguments(DataArguments):
-    pass
-
-
-@dataclass
 class DPOConfig(trl.DPOConfig):
     """TRL's DPOConfig, with bf16 and gradient checkpointing decided by the hardware unless set."""
 
@@ -62,7 +58,7 @@ class DPOConfig(trl.DPOConfig):
 
 
 def make_parser() -> TrlParser:
-    return TrlParser((DPOScriptArguments, DPOConfig, ModelConfig), prog="iterative-llm dpo")
+    return TrlParser((DataArguments, DPOConfig, ModelConfig), prog="iterative-llm dpo")
 
 
 def frozen_copy(model):
@@ -141,6 +137,8 @@ def preference_logps(model, tokenizer, pairs, max_length: int | None = None, bat
 def preference_stats(chosen: list[float], rejected: list[float]) -> dict:
     """Accuracy (share of pairs with chosen more likely), its standard error, and the mean margin."""
     n = len(chosen)
+    if n == 0:
+        raise ValueError("No held-out pair leaves room for a reply within max_length: raise --max_length.")
     margins = [c - r for c, r in zip(chosen, rejected)]
     accuracy = sum(m > 0 for m in margins) / n
     return {"accuracy": accuracy, "accuracy_se": math.sqrt(accuracy * (1 - accuracy) / n),
@@ -154,8 +152,7 @@ def reward_stats(before: tuple, after: tuple, beta: float) -> dict:
     """
     margins = [beta * ((c1 - c0) - (r1 - r0)) for c0, r0, c1, r1 in zip(*before, *after)]
     n = len(margins)
-    return {"reward_accuracy": sum(m > 0 for m in margins) / n, "reward_margin": sum(margins) / n,
-            "improved_pairs": sum(m > 0 for m in margins), "n": n}
+    return {"reward_accuracy": sum(m > 0 for m in margins) / n, "reward_margin": sum(margins) / n, "n": n}
 
 
 def paired_change(before: tuple, after: tuple) -> dict:
@@ -198,7 +195,7 @@ def make_trainer(model, tokenizer, train_dataset, heldout, training_args: DPOCon
     )
 
 
-def run(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: ModelConfig) -> dict:
+def run(script_args: DataArguments, training_args: DPOConfig, model_args: ModelConfig) -> dict:
     """Optimise on preference pairs, evaluate before and after, write the chat model folder. Returns the figures."""
     model, tokenizer = load_starting_model(model_args, training_args)
     model_path = model_args.model_name_or_path
@@ -258,7 +255,8 @@ def _card_rows(model_path, script_args, training_args, model_args, n_train, held
             f"{before['accuracy']:.1%} ± {before['accuracy_se']:.1%} -> {after['accuracy']:.1%} ± "
             f"{after['accuracy_se']:.1%} (n={after['n']}, ± one standard error)"
         )
-        rows["held-out log-prob margin chosen - rejected, before -> after"] = f"{before['margin']:.3f} -> {after['margin']:.3f}"
+        rows["held-out log-prob margin chosen - rejected, before -> after"] = (
+            f"{before['margin']:.3f} -> {after['margin']:.3f}")
         paired = rewards["paired"]
         rows["held-out pairs ranked right only after / only before"] = (
             f"{paired['gained']} / {paired['lost']} (sign test p = {paired['p_value']:.2g})"

@@ -2,6 +2,10 @@
 
 RUN_OR_MODEL is a finished run folder (it is a model folder), a checkpoint folder inside a run
 (`RUN/checkpoints/step_00000600`: the tokenizer is read from the run), or any model folder.
+
+`--cache static` keeps keys and values in buffers of the final length instead of growing them
+each step; `--compile` (which needs the static cache, and uses it unless told otherwise) also
+compiles the decoding step with torch.compile: slow to start, then faster per token.
 """
 
 from __future__ import annotations
@@ -43,7 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--cache", choices=["dynamic", "static"], default=None,
+                        help="key/value cache: dynamic (default) or static (default with --compile)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (static cache)")
     args = parser.parse_args(argv)
+    if args.compile and args.cache == "dynamic":
+        parser.error("--compile needs the static cache: drop --cache dynamic (or use --cache static)")
+    cache = args.cache or ("static" if args.compile else "dynamic")
 
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -70,17 +80,42 @@ def main(argv: list[str] | None = None) -> int:
               f"({model.config.max_position_embeddings}). Shorten it.", file=sys.stderr)
         return 2
     greedy = args.temperature <= 0
-    output = model.generate(
-        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=min(args.max_new_tokens, room), do_sample=not greedy,
-        temperature=None if greedy else args.temperature, top_k=None if greedy else args.top_k,
-        num_return_sequences=args.num_samples, pad_token_id=tokenizer.pad_token_id,
-    )
+    cache_options = cache_settings(cache, args.compile, model.device)
+    try:
+        output = model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=min(args.max_new_tokens, room), do_sample=not greedy,
+            temperature=None if greedy else args.temperature, top_k=None if greedy else args.top_k,
+            num_return_sequences=args.num_samples, pad_token_id=tokenizer.pad_token_id, **cache_options,
+        )
+    except Exception as err:  # torch.compile fails in many ways (no C++ compiler, unsupported op, ...)
+        if not args.compile:
+            raise
+        print(f"iterative-llm generate: --compile failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+              f"Run without --compile.", file=sys.stderr)
+        return 1
     for i, row in enumerate(output):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
         print(args.prompt + tokenizer.decode(row[len(ids):], skip_special_tokens=True))
     return 0
+
+
+def cache_settings(cache: str, compile: bool, device: torch.device) -> dict:
+    """generate() arguments for the cache choice. transformers compiles the decoding step by itself
+    for a static cache on GPUs, and only there: it is asked to on other devices, and told not to
+    when --compile was not given, so the flag alone decides."""
+    if cache == "dynamic":
+        return {}
+    from transformers import CompileConfig
+
+    if not compile:
+        return {"cache_implementation": "static", "disable_compile": True}
+    # CUDA graphs ("reduce-overhead") remove the per-kernel launch cost on GPUs; they do not exist on CPU.
+    compile_config = CompileConfig(mode="reduce-overhead" if device.type == "cuda" else "default")
+    if device.type != "cuda":
+        compile_config._compile_all_devices = True  # transformers' switch for compiling off the GPU
+    return {"cache_implementation": "static", "compile_config": compile_config}
 
 
 if __name__ == "__main__":

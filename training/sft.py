@@ -53,6 +53,7 @@ class SFTScriptArguments(DataArguments):
     eval_max_new_tokens: int = field(
         default=128, metadata={"help": "Token limit of each evaluation reply; a reply must end its turn within it."}
     )
+    eval_generation_batch_size: int = field(default=16, metadata={"help": "Prompts answered at once in that measurement."})
 
 
 @dataclass
@@ -134,7 +135,7 @@ def evaluate(trainer: SFTTrainer, tokenizer, heldout, args: SFTScriptArguments) 
         conversations = heldout.select(range(min(args.eval_generations, len(heldout))))["messages"]
         with trainer.accelerator.autocast():
             share = end_of_turn_share(
-                model, tokenizer, conversations, args.eval_max_new_tokens, trainer.args.per_device_eval_batch_size
+                model, tokenizer, conversations, args.eval_max_new_tokens, args.eval_generation_batch_size
             )
         metrics.update(end_of_turn_share=share["share"], end_of_turn_n=share["n"], samples=share["samples"])
     return metrics
