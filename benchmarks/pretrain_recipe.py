@@ -81,6 +81,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--baseline-lrs", default="1e-3,2e-3,4e-3", help="AdamW learning rates tried for GPT-2")
     parser.add_argument("--budget", type=float, default=0, help="also run `iterative-llm train --max_time` with a "
                         "wall-clock budget of this many seconds for the whole command (0: skip)")
@@ -89,6 +93,8 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[], help="extra field=value for our recipe")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = Path(args.work or tempfile.mkdtemp(prefix="recipe-"))
     work.mkdir(parents=True, exist_ok=True)
     data, val, _ = (split_shakespeare if args.dataset == "shakespeare" else books)(Path(args.data_dir), work)
@@ -97,6 +103,7 @@ def main() -> None:
         "eval_every": args.eval_every, "eval_tokens": None if args.dataset == "shakespeare" else 262144,
         "checkpoint_every": 0, "sample_every": 0, "sample_prompts": ["ROMEO:" if args.dataset == "shakespeare" else "The"],
         "report_to": "none", "progress": False, "model": {"vocab_size": args.vocab_size},
+        "seq_len": args.seq_len, "batch_size": args.batch_size, "batch_tokens": args.batch_tokens,
     }, "benchmark")
     ours_fields = dict(common)
     for item in args.override:
