@@ -373,6 +373,10 @@ class IterativeLLMModel(IterativeLLMPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
         hidden_states = self.embed_norm(inputs_embeds) if self.embed_norm is not None else inputs_embeds
 
+        # Only positions the caller gives can describe packed sequences. Made-up ones go to the mask
+        # as None: transformers' packed-sequence check then costs nothing, and under torch.compile
+        # (where that check cannot be skipped) attention keeps its mask-free causal path (flash on GPUs).
+        mask_position_ids = position_ids
         if position_ids is None:
             position_ids = torch.arange(past_tokens, past_tokens + new_tokens, device=hidden_states.device)[None]
         # One mask for all layers: causal, plus padding from attention_mask, plus document
@@ -385,7 +389,7 @@ class IterativeLLMModel(IterativeLLMPreTrainedModel):
             inputs_embeds=hidden_states,
             attention_mask=attention_mask,
             cache=None if empty_dynamic_cache else cache,
-            position_ids=position_ids,
+            position_ids=mask_position_ids,
         )
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
 

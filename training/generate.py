@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # torch.compile fails in many ways (no C++ compiler, unsupported op, ...)
         if not args.compile:
             raise
-        print(f"iterative-llm generate: --compile failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-              f"Run without --compile.", file=sys.stderr)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"iterative-llm generate: --compile failed ({type(err).__name__}: {reason}). Run without --compile.",
+              file=sys.stderr)
         return 1
     for i, row in enumerate(output):
         if args.num_samples > 1:

@@ -135,7 +135,7 @@ def train(config: TrainConfig, model_factory=None) -> dict:
     torch.manual_seed(config.seed)
     raw_model = (model_factory or IterativeLLMForCausalLM)(model_config).to(device)
     if config.activation_checkpointing:
-        raw_model.gradient_checkpointing_enable()
+        raw_model.activation_checkpointing_enable()
     raw_model.train()
     say(f"model: {config.model_preset} preset, {raw_model.num_parameters():,} parameters, precision {precision}")
 
