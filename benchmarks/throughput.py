@@ -7,8 +7,8 @@
         --grad-accum 32 --activation-checkpointing                         # the same step on a 24 GB card
 
 Two contestants, built at the same width, depth, heads, context and vocabulary:
-- ours: IterativeLLMForCausalLM with the training step of training/pretrain.py (forward with labels,
-  backward, gradient clipping, Muon + AdamW from `build_optimizers`, zero_grad);
+- ours: IterativeLLMForCausalLM with the training step of training/pretrain.py (forward with labels and
+  the chunked `skip_logits` loss unless `--plain-loss`, backward, gradient clipping, Muon + AdamW from `build_optimizers`, zero_grad);
 - gpt2: transformers' GPT2LMHeadModel (as benchmarks/pretrain_recipe.py builds it) with the same
   step but a plain AdamW (`build_optimizers(optimizer="adamw")`, fused on GPU).
 
@@ -23,6 +23,9 @@ Figures are medians over rounds; the ratio is the median of the per-round ratios
 
 MFU is the model FLOPs per token (training/evaluate.py `flops_per_token`: 6 N + 12 L H D T, attention
 included) times tokens/s over the device's dense bf16 peak (`peak_flops`); "n/a" on CPU and for fp32.
+The output head and loss are also timed alone (one micro-batch, forward + backward): our chunked
+loss against the plain path through full logits, same weights and inputs.
+
 Peak memory (CUDA only) is `torch.cuda.max_memory_allocated` during the model's own rounds, less the
 weights and optimizer state the other model keeps on the device meanwhile.
 
@@ -73,8 +76,9 @@ class Contestant:
     """One model, its optimisers and its training step, ready to be timed."""
 
     def __init__(self, name: str, model: torch.nn.Module, optimizers: list, *, compile_model: bool,
-                 compile_optimizer: bool, label: str, compile_mode: str = "default"):
+                 compile_optimizer: bool, label: str, compile_mode: str = "default", loss_kwargs: dict | None = None):
         self.name, self.model, self.optimizers, self.label = name, model, optimizers, label
+        self.loss_kwargs = loss_kwargs or {}
         self.forward = torch.compile(model, mode=compile_mode) if compile_model else model
         self.params = [p for p in model.parameters() if p.requires_grad]
         # The optimizer step compiles to a few fused kernels instead of several per parameter.
@@ -94,7 +98,7 @@ class Contestant:
         for batch in micro_batches:
             inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with autocast():
-                loss = self.forward(**inputs, use_cache=False).loss / len(micro_batches)
+                loss = self.forward(**inputs, use_cache=False, **self.loss_kwargs).loss / len(micro_batches)
             loss.backward()
             loss_sum += loss.detach()
         if grad_clip > 0:
@@ -132,13 +136,15 @@ def build_contestants(args, device: torch.device) -> tuple[Contestant, Contestan
     ours_label = f"ours: Muon+AdamW, {precision}, {'compiled model+optimizer' if args.compile else 'eager'}"
     if args.activation_checkpointing:
         ours_label += ", activation checkpointing"
+    ours_label += ", plain loss from the logits" if args.plain_loss else ", chunked loss (skip_logits)"
     gpt2_label = f"gpt2: AdamW, {precision}, {'compiled model' if args.compile_baseline else 'eager'}"
     if args.grad_accum > 1:
         ours_label += f", {args.grad_accum} micro-batches per step"
         gpt2_label += f", {args.grad_accum} micro-batches per step"
     return (
         Contestant("ours", ours, build_optimizers(ours, optimizer="muon"), compile_model=args.compile,
-                   compile_optimizer=args.compile, label=ours_label, compile_mode=args.compile_mode),
+                   compile_optimizer=args.compile, label=ours_label, compile_mode=args.compile_mode,
+                   loss_kwargs={} if args.plain_loss else {"skip_logits": True}),
         Contestant("gpt2", gpt2, build_optimizers(gpt2, optimizer="adamw"), compile_model=args.compile_baseline,
                    compile_optimizer=False, label=gpt2_label, compile_mode=args.compile_mode),
     )
@@ -268,6 +274,45 @@ def measure_generation(args, device, contestants, static: bool) -> dict:
     return results
 
 
+def measure_loss_head(args, device, model) -> dict:
+    """Forward + backward of the output head and loss alone, for one micro-batch of hidden states:
+    the chunked `softcapped_linear_cross_entropy` (what pretraining runs) against the plain path
+    (full logits, soft-cap, transformers' cross-entropy), in seconds, medians over rounds."""
+    from iterative_llm.modeling_iterative_llm import softcapped_linear_cross_entropy
+
+    config = model.config
+    generator = torch.Generator().manual_seed(7)
+    hidden = torch.randn(args.batch_size, args.seq_len, config.hidden_size, generator=generator).to(device)
+    hidden.requires_grad_(True)
+    labels = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=generator).to(device)
+    weight = model.lm_head.weight
+    cap = config.final_logit_softcapping
+    autocast = autocast_for(device, args.dtype)
+
+    def plain():
+        logits = model.lm_head(hidden)
+        if cap is not None:
+            logits = cap * torch.tanh(logits.float() / cap)
+        model.loss_function(logits=logits, labels=labels, vocab_size=config.vocab_size).backward()
+
+    def chunked():
+        softcapped_linear_cross_entropy(hidden, weight, labels, cap).backward()
+
+    timer = Timer(device)
+    times = {"chunked": [], "plain": []}
+    for round_index in range(args.rounds + 1):
+        for name, run in (("chunked", chunked), ("plain", plain)):
+            timer.start()
+            with autocast():
+                run()
+            seconds = timer.stop()
+            if round_index > 0:  # the first round warms up
+                times[name].append(seconds)
+            hidden.grad = None
+            weight.grad = None
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def median_ratio(ours: list[float], gpt2: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(ours, gpt2))
 
@@ -297,6 +342,8 @@ def parse_args(argv=None):
                         default="default", help="torch.compile mode for the models' forward and backward")
     parser.add_argument("--attn", choices=ATTENTION_CHOICES, default="sdpa", help="attention for both models")
     parser.add_argument("--activation-checkpointing", action="store_true", help="for our model")
+    parser.add_argument("--plain-loss", action="store_true", help="our model computes its loss from the full "
+                        "logits, as GPT-2 does, instead of pretraining's chunked `skip_logits` loss")
     parser.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step, as "
                         "training/pretrain.py accumulates up to batch_tokens (default: the training preset's)")
     parser.add_argument("--grad-clip", type=float, default=1.0)
@@ -346,6 +393,7 @@ def main(argv=None) -> dict:
               f"gpt2 {gpt2.model.num_parameters():,}")
 
     train = measure_training(args, device, contestants, batches)
+    head = measure_loss_head(args, device, ours.model)
     generation = {}
     if not args.skip_generation:
         generation["dynamic cache"] = measure_generation(args, device, contestants, static=False)
@@ -367,6 +415,7 @@ def main(argv=None) -> dict:
             "peak_memory_gib": max(train[c.name]["peak_bytes"]) / 2**30 if train[c.name]["peak_bytes"] else None,
             "generate_tokens_per_s": {mode: statistics.median(r[c.name]) for mode, r in generation.items()},
         }
+    figures["loss_head_seconds"] = head
     figures["train_ratio"] = median_ratio(train["ours"]["tokens_per_s"], train["gpt2"]["tokens_per_s"])
     figures["generate_ratio"] = {mode: median_ratio(r["ours"], r["gpt2"]) for mode, r in generation.items()}
     print_table(args, figures)
@@ -417,6 +466,10 @@ def print_table(args, figures: dict) -> None:
     print(f"{'':<{width}}  {'ours':>12}  {'gpt2':>12}  {'ratio ours/gpt2':>15}")
     for name, a, b, ratio in rows:
         print(f"{name:<{width}}  {a:>12}  {b:>12}  {'' if ratio is None else f'{ratio:.2f}':>15}")
+    head = figures["loss_head_seconds"]
+    print(f"our output head + loss, forward + backward of one micro-batch: chunked (skip_logits) "
+          f"{1000 * head['chunked']:.1f} ms, plain logits {1000 * head['plain']:.1f} ms: "
+          f"{head['plain'] / head['chunked']:.2f}x faster")
     print("model FLOP/s = training/evaluate.py flops_per_token (6 N + 12 L H D T) x tokens/s; MFU = that / the "
           "device's dense bf16 peak" + ("" if ours["mfu"] is not None else
                                         " (n/a: known only for bf16 on the GPUs in PEAK_BF16_FLOPS)"))

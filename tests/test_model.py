@@ -141,6 +141,48 @@ def test_loss_is_shifted_cross_entropy_ignoring_minus_100(model):
     torch.testing.assert_close(out.loss, expected)
 
 
+@pytest.mark.parametrize("fields", [{}, {"final_logit_softcapping": None}, {"tie_word_embeddings": True}],
+                         ids=["capped", "uncapped", "tied"])
+def test_skip_logits_gives_the_same_loss_and_gradients_without_logits(fields):
+    """The chunked loss (pretraining's path) must be the plain loss: same value, same gradients,
+    with -100 targets, with pre-shifted labels, and with the Trainer's num_items_in_batch."""
+    x = ids(batch=3, length=40, vocab=128)  # 120 rows: more than one 64-row chunk
+    labels = x.clone()
+    labels[0, :9] = -100
+    shifted = torch.roll(x, -1, dims=1)
+    shifted[:, -1] = -100
+    cases = [dict(labels=labels), dict(labels=x, shift_labels=shifted),
+             dict(labels=labels, num_items_in_batch=torch.tensor(50))]
+    for case in cases:
+        results = []
+        for skip in (False, True):
+            model = tiny_model(initializer_range=0.5, **fields).train()
+            out = model(x, use_cache=False, skip_logits=skip, **case)
+            out.loss.backward()
+            results.append((out, {n: p.grad for n, p in model.named_parameters()}))
+        (plain, plain_grads), (fused, fused_grads) = results
+        assert fused.logits is None and plain.logits is not None
+        torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-5, atol=1e-6)
+        assert plain_grads.keys() == fused_grads.keys()
+        for name in plain_grads:
+            torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_skip_logits_under_bf16_autocast_matches_the_plain_loss():
+    model = tiny_model(initializer_range=0.5).train()
+    x = ids(length=30)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(x, labels=x, use_cache=False).loss
+        fused = model(x, labels=x, use_cache=False, skip_logits=True).loss
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, plain, rtol=2e-2, atol=2e-2)
+
+
+def test_skip_logits_without_labels_is_refused(model):
+    with pytest.raises(ValueError, match="pass `labels`"):
+        model(ids(), skip_logits=True)
+
+
 def test_logit_softcapping_bounds_the_logits():
     model = tiny_model(initializer_range=2.0, final_logit_softcapping=5.0)
     logits = model(ids()).logits

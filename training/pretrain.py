@@ -134,6 +134,9 @@ def train(config: TrainConfig, model_factory=None) -> dict:
         )
     torch.manual_seed(config.seed)
     raw_model = (model_factory or IterativeLLMForCausalLM)(model_config).to(device)
+    # Our model computes the loss chunk by chunk without keeping the (B, T, V) logits
+    # (`skip_logits`); a baseline model from `model_factory` gets the plain call.
+    loss_only = {"skip_logits": True} if isinstance(raw_model, IterativeLLMForCausalLM) else {}
     if config.activation_checkpointing:
         raw_model.activation_checkpointing_enable()
     raw_model.train()
@@ -264,7 +267,7 @@ def train(config: TrainConfig, model_factory=None) -> dict:
                 # Gradients are averaged across processes only on the last micro-step.
                 sync = accelerator.no_sync(model) if micro < accumulation - 1 and world_size > 1 else nullcontext()
                 with sync:
-                    loss = model(**inputs, use_cache=False).loss / accumulation
+                    loss = model(**inputs, use_cache=False, **loss_only).loss / accumulation
                     loss.backward()
                 loss_sum += loss.detach()
 
