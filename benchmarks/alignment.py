@@ -10,7 +10,8 @@ Data come from ../shared/data (never copied into the repo):
     hh-rlhf/helpful-base/test.jsonl.gz          2,354 Anthropic HH helpful-base {"chosen", "rejected"} pairs
 Each stage holds out a seeded random slice of its data (--n-heldout) and reports:
     SFT  held-out loss on the reply tokens, before and after; the share of held-out prompts whose
-         greedy reply ends its turn with <|end|> within the token limit (target: at least 95%);
+         greedy reply (optionally with a repetition penalty) ends its turn with <|end|> within the
+         token limit (target: at least 95%);
     DPO  held-out preference accuracy (chosen reply more likely than rejected) before and after, with
          n, its standard error and a paired sign test over the pairs whose ranking changed.
 The hyperparameters are the presets training/presets/sft-chat.yaml and dpo-hh.yaml (--sft-config,
@@ -46,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n-heldout", type=int, default=None, help="held-out rows per stage (default: the presets')")
     parser.add_argument("--max-steps", type=int, default=None, help="cap the steps of each stage (smoke runs)")
     parser.add_argument("--eval-max-new-tokens", type=int, default=None, help="reply limit of the end-of-turn check")
+    parser.add_argument("--eval-repetition-penalty", type=float, default=None,
+                        help="repetition penalty of the end-of-turn check's greedy replies (default 1.0: none)")
     parser.add_argument("--use-cpu", action="store_true", help="train on the CPU even if a GPU is present")
     return parser.parse_args(argv)
 
@@ -77,6 +80,8 @@ def main(argv=None) -> dict:
         extra += ["--eval_generations", str(args.n_heldout)]  # answer every held-out prompt
     if args.eval_max_new_tokens is not None:
         extra += ["--eval_max_new_tokens", str(args.eval_max_new_tokens)]
+    if args.eval_repetition_penalty is not None:
+        extra += ["--eval_repetition_penalty", str(args.eval_repetition_penalty)]
     start = time.time()
     sft_args = sft.make_parser().parse_args_and_config(
         args=stage_argv(args.sft_config, args.model, sft_data, out / "sft", args, extra))
@@ -89,6 +94,7 @@ def main(argv=None) -> dict:
         "model": str(args.model), "sft_data": str(sft_data), "dpo_data": str(dpo_data),
         "sft": sft_figures, "dpo": dpo_figures, "seconds": time.time() - start,
         "sft_eval_max_new_tokens": sft_args[0].eval_max_new_tokens,
+        "sft_eval_repetition_penalty": sft_args[0].eval_repetition_penalty,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
@@ -106,8 +112,10 @@ def results_table(results: dict, sft_name: str) -> str:
         rows.append(f"| SFT ({sft_name}): held-out loss on replies, before -> after | "
                     f"{b['heldout_loss']:.3f} -> {a['heldout_loss']:.3f} |")
         if "end_of_turn_share" in a:
+            penalty = results.get("sft_eval_repetition_penalty", 1.0)
+            decoding = "greedy" + (f", repetition penalty {penalty:g}" if penalty != 1.0 else "")
             rows.append(f"| SFT: replies that end their turn within {results['sft_eval_max_new_tokens']} tokens "
-                        f"(target >= 95%) | {b['end_of_turn_share']:.1%} -> {a['end_of_turn_share']:.1%} "
+                        f"({decoding}; target >= 95%) | {b['end_of_turn_share']:.1%} -> {a['end_of_turn_share']:.1%} "
                         f"(n={a['end_of_turn_n']}) |")
     rows.append(f"| SFT: steps, seconds | {sft['steps']}, {sft['train_seconds']:.0f} |")
     if dpo["before"]:

@@ -142,6 +142,7 @@ class _ScriptedModel:
 
     def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
         self.calls.append((input_ids, attention_mask))
+        self.generate_kwargs = kwargs
         rows = [self.replies.pop(0)[:max_new_tokens] for _ in range(input_ids.shape[0])]
         width = max(len(r) for r in rows)
         new = torch.tensor([r + [kwargs["pad_token_id"]] * (width - len(r)) for r in rows])
@@ -158,6 +159,14 @@ def test_end_of_turn_share_counts_replies_that_close_their_turn(tokenizer):
     input_ids, mask = model.calls[0]
     assert mask[:, -1].all() and input_ids[0, -1] == input_ids[1, -1]  # left-padded: every row ends on the prompt
     assert tokenizer.padding_side == "right"  # restored
+    assert model.generate_kwargs["do_sample"] is False and model.generate_kwargs["repetition_penalty"] == 1.0
+
+
+def test_end_of_turn_share_passes_the_repetition_penalty_to_generation(tokenizer):
+    conversations = [row["messages"] for row in qa_conversations(2)]
+    model = _ScriptedModel([[70], [71]])
+    end_of_turn_share(model, tokenizer, conversations, max_new_tokens=4, batch_size=2, repetition_penalty=1.1)
+    assert model.generate_kwargs["repetition_penalty"] == 1.1 and model.generate_kwargs["do_sample"] is False
 
 
 @pytest.mark.slow

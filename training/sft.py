@@ -54,6 +54,11 @@ class SFTScriptArguments(DataArguments):
         default=128, metadata={"help": "Token limit of each evaluation reply; a reply must end its turn within it."}
     )
     eval_generation_batch_size: int = field(default=16, metadata={"help": "Prompts answered at once in that measurement."})
+    eval_repetition_penalty: float = field(
+        default=1.0,
+        metadata={"help": "Repetition penalty of those greedy replies (1.0: none; `iterative-llm chat` uses 1.1). "
+                  "Small models fall into greedy loops that a penalty breaks."},
+    )
 
 
 @dataclass
@@ -86,7 +91,9 @@ def heldout_loss(trainer: SFTTrainer, heldout) -> float:
 
 
 @torch.no_grad()
-def end_of_turn_share(model, tokenizer, conversations, max_new_tokens: int = 128, batch_size: int = 16) -> dict:
+def end_of_turn_share(
+    model, tokenizer, conversations, max_new_tokens: int = 128, batch_size: int = 16, repetition_penalty: float = 1.0
+) -> dict:
     """Greedy replies to held-out prompts: how many end their turn (emit `<|end|>`) within `max_new_tokens`.
 
     Each conversation is cut before its last assistant reply and rendered with the generation prompt.
@@ -112,6 +119,7 @@ def end_of_turn_share(model, tokenizer, conversations, max_new_tokens: int = 128
                 **batch,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
+                repetition_penalty=repetition_penalty,
                 eos_token_id=end_of_turn_ids(tokenizer),
                 pad_token_id=tokenizer.pad_token_id,
             )
@@ -135,7 +143,8 @@ def evaluate(trainer: SFTTrainer, tokenizer, heldout, args: SFTScriptArguments) 
         conversations = heldout.select(range(min(args.eval_generations, len(heldout))))["messages"]
         with trainer.accelerator.autocast():
             share = end_of_turn_share(
-                model, tokenizer, conversations, args.eval_max_new_tokens, args.eval_generation_batch_size
+                model, tokenizer, conversations, args.eval_max_new_tokens, args.eval_generation_batch_size,
+                args.eval_repetition_penalty,
             )
         metrics.update(end_of_turn_share=share["share"], end_of_turn_n=share["n"], samples=share["samples"])
     return metrics
@@ -204,7 +213,10 @@ def _card_rows(model_path, script_args, training_args, model_args, n_train, held
     if before:
         rows["held-out loss (reply tokens), before -> after"] = f"{before['heldout_loss']:.4f} -> {after['heldout_loss']:.4f}"
     if "end_of_turn_share" in after:
-        rows[f"replies that end their turn within {script_args.eval_max_new_tokens} tokens, before -> after"] = (
+        penalty = script_args.eval_repetition_penalty
+        decoding = "greedy" + (f", repetition penalty {penalty:g}" if penalty != 1.0 else "")
+        rows[f"replies that end their turn within {script_args.eval_max_new_tokens} tokens ({decoding}), "
+             "before -> after"] = (
             f"{before['end_of_turn_share']:.1%} -> {after['end_of_turn_share']:.1%} (n={after['end_of_turn_n']})"
         )
     return rows
