@@ -184,3 +184,23 @@ def test_trl_sft_command_line_runs_on_an_exported_folder(base_folder, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "model.safetensors").exists() and (out / "modeling_iterative_llm.py").exists()
+
+
+def test_end_of_turn_benchmark_remeasures_the_prompts_an_sft_run_held_out(base_folder, conversations_file):
+    """benchmarks/end_of_turn.py re-runs the SFT check on a saved folder: same held-out rows, same replies."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    try:
+        import end_of_turn
+    finally:
+        sys.path.pop(0)
+    figures = end_of_turn.main(["--model", str(base_folder), "--data", str(conversations_file), "--num-heldout", "6",
+                                "--seed", "3", "--max-new-tokens", "6", "--repetition-penalty", "1.1"])
+    _, heldout = load_sft_dataset(DataArguments(dataset_name=str(conversations_file), num_heldout=6), seed=3)
+    model = AutoModelForCausalLM.from_pretrained(base_folder)
+    tokenizer = AutoTokenizer.from_pretrained(base_folder)
+    direct = end_of_turn_share(model, tokenizer, heldout["messages"], max_new_tokens=6, batch_size=4,
+                               repetition_penalty=1.1)
+    assert (figures["ended"], figures["n"]) == (direct["ended"], direct["n"]) and figures["n"] == 6
+    assert figures["samples"] == direct["samples"][:3]
+    with pytest.raises(SystemExit, match="num-heldout"):
+        end_of_turn.main(["--model", str(base_folder), "--data", str(conversations_file), "--num-heldout", "0"])
