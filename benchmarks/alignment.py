@@ -13,7 +13,8 @@ Each stage holds out a seeded random slice of its data (--n-heldout) and reports
          greedy reply (optionally with a repetition penalty) ends its turn with <|end|> within the
          token limit (target: at least 95%);
     DPO  held-out preference accuracy (chosen reply more likely than rejected) before and after, with
-         n, its standard error and a paired sign test over the pairs whose ranking changed.
+         n, its standard error and a paired sign test over the pairs whose ranking changed; the same
+         by log-probability per reply token (free of the pull of reply length).
 The hyperparameters are the presets training/presets/sft-chat.yaml and dpo-hh.yaml (--sft-config,
 --dpo-config); results go to OUT/results.json and OUT/results.md (the README table).
 """
@@ -125,6 +126,11 @@ def results_table(results: dict, sft_name: str) -> str:
                     f"(n={a['n']}, ± 1 s.e.) |")
         rows.append(f"| DPO: pairs ranked right only after / only before | {paired['gained']} / {paired['lost']} "
                     f"(sign test p = {paired['p_value']:.2g}) |")
+        if "per_token_accuracy" in a:
+            paired = dpo["rewards"]["paired_per_token"]
+            rows.append(f"| DPO: held-out preference accuracy per reply token, before -> after | "
+                        f"{b['per_token_accuracy']:.1%} -> {a['per_token_accuracy']:.1%} ± {a['per_token_accuracy_se']:.1%} "
+                        f"({paired['gained']} / {paired['lost']} pairs gained / lost, sign test p = {paired['p_value']:.2g}) |")
         rows.append(f"| DPO: held-out implicit reward accuracy, margin | {dpo['rewards']['reward_accuracy']:.1%}, "
                     f"{dpo['rewards']['reward_margin']:.3f} |")
     rows.append(f"| DPO: steps, seconds | {dpo['steps']}, {dpo['train_seconds']:.0f} |")

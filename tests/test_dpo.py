@@ -119,9 +119,10 @@ def test_dpo_from_an_sft_folder_raises_preference_accuracy(sft_folder, pairs_fil
     summary = json.loads((out / "dpo_summary.json").read_text())
     assert summary["steps"] == 20 and summary["after"]["n"] == 8
     assert summary["rewards"]["reward_margin"] > 0
+    assert 0 <= summary["after"]["per_token_accuracy"] <= 1 and "paired_per_token" in summary["rewards"]
     card = (out / "README.md").read_text()
     assert card.index("## Supervised fine-tuning (SFT)") < card.index("## Preference optimisation (DPO)")
-    assert "preference accuracy" in card
+    assert "preference accuracy" in card and "preference accuracy per reply token" in card
 
     # A chat model folder: Auto classes and pipeline with messages; the modeling code travels with it
     # (auto_map), so processes that never import iterative_llm load it too (see the `trl dpo` test).
@@ -170,8 +171,41 @@ def test_alignment_benchmark_runs_end_to_end(tmp_path, tokenizer):
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
     results = benchmark.main(["--model", str(model), "--data-dir", str(data), "--out", str(tmp_path / "bench"),
-                              "--max-steps", "1", "--n-heldout", "4", "--eval-max-new-tokens", "8", "--use-cpu"])
+                              "--max-steps", "1", "--n-heldout", "4", "--eval-max-new-tokens", "8",
+                              "--eval-repetition-penalty", "1.1", "--use-cpu"])
     assert results["sft"]["after"]["end_of_turn_n"] == 4 and results["dpo"]["after"]["n"] == 4
     table = (tmp_path / "bench" / "results.md").read_text()
     assert "held-out preference accuracy" in table and "end their turn" in table
+    assert "repetition penalty 1.1" in table and "preference accuracy per reply token" in table
     assert (tmp_path / "bench" / "dpo" / "model.safetensors").exists()
+
+
+class _UniformModel:
+    """Gives every token the same probability 1/V: a reply's summed log-probability is -length * log V."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size, self.training, self.device = vocab_size, False, torch.device("cpu")
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def __call__(self, input_ids, attention_mask, use_cache):
+        return type("Output", (), {"logits": torch.zeros(*input_ids.shape, self.vocab_size)})()
+
+
+def test_per_token_preference_accuracy_is_free_of_the_pull_of_reply_length(tokenizer):
+    """Summed log-probability ranks the shorter reply first whatever it says; per token, a model
+    that prefers nothing ranks no pair right."""
+    pairs = [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
+              "chosen": [{"role": "assistant", "content": "Yes."}],
+              "rejected": [{"role": "assistant", "content": "No, " * (i + 2) + "no."}]} for i in range(4)]
+    model = _UniformModel(len(tokenizer))
+    chosen, rejected, chosen_mean, rejected_mean = preference_logps(model, tokenizer, pairs, per_token=True)
+    assert preference_stats(chosen, rejected)["accuracy"] == 1.0  # the short chosen replies win on sums
+    log_v = torch.log(torch.tensor(float(len(tokenizer)))).item()
+    assert chosen_mean == pytest.approx([-log_v] * 4) and rejected_mean == pytest.approx([-log_v] * 4)
+    assert preference_stats(chosen_mean, rejected_mean)["accuracy"] == 0.0
+    assert preference_logps(model, tokenizer, pairs) == (chosen, rejected)  # summed only by default

@@ -188,11 +188,11 @@ def test_trl_sft_command_line_runs_on_an_exported_folder(base_folder, tmp_path):
 
 def test_end_of_turn_benchmark_remeasures_the_prompts_an_sft_run_held_out(base_folder, conversations_file):
     """benchmarks/end_of_turn.py re-runs the SFT check on a saved folder: same held-out rows, same replies."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-    try:
-        import end_of_turn
-    finally:
-        sys.path.pop(0)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("end_of_turn", Path(__file__).parents[1] / "benchmarks" / "end_of_turn.py")
+    end_of_turn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(end_of_turn)
     figures = end_of_turn.main(["--model", str(base_folder), "--data", str(conversations_file), "--num-heldout", "6",
                                 "--seed", "3", "--max-new-tokens", "6", "--repetition-penalty", "1.1"])
     _, heldout = load_sft_dataset(DataArguments(dataset_name=str(conversations_file), num_heldout=6), seed=3)

@@ -15,8 +15,10 @@ model-folder handling through `training/alignment_data.py`. What differs:
   to since, or a hub revision other than the default. With LoRA the reference is the policy with its
   adapter disabled, i.e. the same starting weights, at no extra memory;
 - evaluation on held-out pairs before and after: preference accuracy (the share of pairs whose chosen
-  reply the model finds more likely than the rejected one, by summed log-probability) and the mean
-  log-probability margin, plus DPO's implicit reward accuracy and margin after training.
+  reply the model finds more likely than the rejected one, by summed log-probability), the same by
+  log-probability per reply token (the summed figure mostly ranks replies by length: a longer reply
+  collects more negative log-probability whatever its content), and the mean log-probability margin,
+  plus DPO's implicit reward accuracy and margin after training.
 """
 
 from __future__ import annotations
@@ -121,8 +123,11 @@ def completion_logps(model, sequences: list[tuple[list[int], int]], batch_size: 
     return out
 
 
-def preference_logps(model, tokenizer, pairs, max_length: int | None = None, batch_size: int = 8):
-    """(chosen logps, rejected logps) of every pair in a dataset of prompt/chosen/rejected messages."""
+def preference_logps(model, tokenizer, pairs, max_length: int | None = None, batch_size: int = 8,
+                     per_token: bool = False):
+    """(chosen logps, rejected logps) of every pair in a dataset of prompt/chosen/rejected messages:
+    summed over each reply's tokens, or with `per_token` also divided by the reply's token count, as
+    (summed chosen, summed rejected, per-token chosen, per-token rejected)."""
     chosen, rejected = [], []
     for example in pairs:
         chosen_ids, rejected_ids, start = tokenize_pair(tokenizer, example, max_length)
@@ -131,7 +136,12 @@ def preference_logps(model, tokenizer, pairs, max_length: int | None = None, bat
         chosen.append((chosen_ids, start))
         rejected.append((rejected_ids, start))
     pad = tokenizer.pad_token_id or 0
-    return completion_logps(model, chosen, batch_size, pad), completion_logps(model, rejected, batch_size, pad)
+    summed = completion_logps(model, chosen, batch_size, pad), completion_logps(model, rejected, batch_size, pad)
+    if not per_token:
+        return summed
+    means = tuple([logp / (len(ids) - start) for logp, (ids, start) in zip(logps, sequences)]
+                  for logps, sequences in zip(summed, (chosen, rejected)))
+    return summed + means
 
 
 def preference_stats(chosen: list[float], rejected: list[float]) -> dict:
@@ -168,9 +178,14 @@ def paired_change(before: tuple, after: tuple) -> dict:
     return {"gained": gained, "lost": lost, "p_value": min(1.0, 2 * tail)}
 
 
-def evaluate(model, tokenizer, pairs, args) -> tuple[dict, tuple]:
-    logps = preference_logps(model, tokenizer, pairs, args.max_length, args.per_device_eval_batch_size)
-    return preference_stats(*logps), logps
+def evaluate(model, tokenizer, pairs, args) -> tuple[dict, tuple, tuple]:
+    """Preference statistics of held-out pairs, and the (chosen, rejected) summed and per-token logps."""
+    logps = preference_logps(model, tokenizer, pairs, args.max_length, args.per_device_eval_batch_size, per_token=True)
+    summed, per_token = logps[:2], logps[2:]
+    stats = preference_stats(*summed)
+    per_token_stats = preference_stats(*per_token)
+    stats.update(per_token_accuracy=per_token_stats["accuracy"], per_token_accuracy_se=per_token_stats["accuracy_se"])
+    return stats, summed, per_token
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -210,15 +225,16 @@ def run(script_args: DataArguments, training_args: DPOConfig, model_args: ModelC
     before = after = rewards = {}
     if heldout is not None:
         with trainer.accelerator.autocast():
-            before, before_logps = evaluate(policy(), tokenizer, heldout, training_args)
+            before, before_logps, before_per_token = evaluate(policy(), tokenizer, heldout, training_args)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     seconds = time.time() - start
     if heldout is not None:
         with trainer.accelerator.autocast():
-            after, after_logps = evaluate(policy(), tokenizer, heldout, training_args)
+            after, after_logps, after_per_token = evaluate(policy(), tokenizer, heldout, training_args)
         rewards = reward_stats(before_logps, after_logps, training_args.beta)
         rewards["paired"] = paired_change(before_logps, after_logps)
+        rewards["paired_per_token"] = paired_change(before_per_token, after_per_token)
 
     output_dir = training_args.output_dir
     save_chat_model(trainer, tokenizer, output_dir, base_card)
@@ -260,6 +276,12 @@ def _card_rows(model_path, script_args, training_args, model_args, n_train, held
         paired = rewards["paired"]
         rows["held-out pairs ranked right only after / only before"] = (
             f"{paired['gained']} / {paired['lost']} (sign test p = {paired['p_value']:.2g})"
+        )
+        paired = rewards["paired_per_token"]
+        rows["held-out preference accuracy per reply token, before -> after"] = (
+            f"{before['per_token_accuracy']:.1%} -> {after['per_token_accuracy']:.1%} ± {after['per_token_accuracy_se']:.1%}; "
+            f"ranked right only after / only before: {paired['gained']} / {paired['lost']} "
+            f"(sign test p = {paired['p_value']:.2g})"
         )
         rows["held-out implicit reward accuracy, margin (after)"] = (
             f"{rewards['reward_accuracy']:.1%}, {rewards['reward_margin']:.4f}"
