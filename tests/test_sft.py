@@ -21,7 +21,7 @@ from iterative_llm.cli import main as cli_main
 from iterative_llm.tokenization import ASSISTANT, END_OF_TURN
 from tests.test_alignment_data import qa_conversations, save_model_folder, write_jsonl
 from training.alignment_data import DataArguments, load_sft_dataset, load_starting_model
-from training.sft import SFTConfig, end_of_turn_share, make_trainer
+from training.sft import SFTConfig, SFTScriptArguments, end_of_turn_share, make_trainer
 
 TRL = Path(sys.executable).with_name("trl")
 
@@ -167,6 +167,8 @@ def test_end_of_turn_share_passes_the_repetition_penalty_to_generation(tokenizer
     model = _ScriptedModel([[70], [71]])
     end_of_turn_share(model, tokenizer, conversations, max_new_tokens=4, batch_size=2, repetition_penalty=1.1)
     assert model.generate_kwargs["repetition_penalty"] == 1.1 and model.generate_kwargs["do_sample"] is False
+    with pytest.raises(ValueError, match="eval_repetition_penalty must be a positive number"):
+        SFTScriptArguments(dataset_name="x.jsonl", eval_repetition_penalty=0.0)
 
 
 @pytest.mark.slow

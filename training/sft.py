@@ -60,6 +60,12 @@ class SFTScriptArguments(DataArguments):
                   "Small models fall into greedy loops that a penalty breaks."},
     )
 
+    def __post_init__(self):
+        if not self.eval_repetition_penalty > 0:
+            raise ValueError(
+                f"--eval_repetition_penalty must be a positive number (1.0 means no penalty), got {self.eval_repetition_penalty}."
+            )
+
 
 @dataclass
 class SFTConfig(trl.SFTConfig):
