@@ -113,8 +113,9 @@ def results_table(results: dict, sft_name: str) -> str:
         rows.append(f"| SFT ({sft_name}): held-out loss on replies, before -> after | "
                     f"{b['heldout_loss']:.3f} -> {a['heldout_loss']:.3f} |")
         if "end_of_turn_share" in a:
-            penalty = results.get("sft_eval_repetition_penalty", 1.0)
-            decoding = "greedy" + (f", repetition penalty {penalty:g}" if penalty != 1.0 else "")
+            from training.sft import end_of_turn_decoding
+
+            decoding = end_of_turn_decoding(results.get("sft_eval_repetition_penalty", 1.0))
             rows.append(f"| SFT: replies that end their turn within {results['sft_eval_max_new_tokens']} tokens "
                         f"({decoding}; target >= 95%) | {b['end_of_turn_share']:.1%} -> {a['end_of_turn_share']:.1%} "
                         f"(n={a['end_of_turn_n']}) |")

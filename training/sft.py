@@ -96,6 +96,11 @@ def heldout_loss(trainer: SFTTrainer, heldout) -> float:
     return trainer.evaluate(eval_dataset=heldout, metric_key_prefix="heldout")["heldout_loss"]
 
 
+def end_of_turn_decoding(repetition_penalty: float) -> str:
+    """How the end-of-turn check decodes, in words, for tables and model cards."""
+    return "greedy" + (f", repetition penalty {repetition_penalty:g}" if repetition_penalty != 1.0 else "")
+
+
 @torch.no_grad()
 def end_of_turn_share(
     model, tokenizer, conversations, max_new_tokens: int = 128, batch_size: int = 16, repetition_penalty: float = 1.0
@@ -219,8 +224,7 @@ def _card_rows(model_path, script_args, training_args, model_args, n_train, held
     if before:
         rows["held-out loss (reply tokens), before -> after"] = f"{before['heldout_loss']:.4f} -> {after['heldout_loss']:.4f}"
     if "end_of_turn_share" in after:
-        penalty = script_args.eval_repetition_penalty
-        decoding = "greedy" + (f", repetition penalty {penalty:g}" if penalty != 1.0 else "")
+        decoding = end_of_turn_decoding(script_args.eval_repetition_penalty)
         rows[f"replies that end their turn within {script_args.eval_max_new_tokens} tokens ({decoding}), "
              "before -> after"] = (
             f"{before['end_of_turn_share']:.1%} -> {after['end_of_turn_share']:.1%} (n={after['end_of_turn_n']})"
