@@ -579,7 +579,7 @@ class IterativeLLMForCausalLM(IterativeLLMPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         cap = self.config.final_logit_softcapping
         if skip_logits:
-            loss = softcapped_linear_cross_entropy(hidden_states, self.lm_head.weight, labels, cap, **kwargs)
+            loss = self.loss_from_hidden_states(hidden_states, labels, **kwargs)
             return CausalLMOutputWithPast(
                 loss=loss, logits=None, cache=outputs.cache,
                 hidden_states=outputs.hidden_states, attentions=outputs.attentions,
@@ -605,6 +605,17 @@ class IterativeLLMForCausalLM(IterativeLLMPreTrainedModel, GenerationMixin):
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+        )
+
+
+    def loss_from_hidden_states(self, hidden_states: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The head and the causal-LM loss from the last hidden states (B, T, C), without the logits.
+
+        A method of its own so training can compile it apart from the blocks (training/pretrain.py
+        `compile_model`); kwargs carry `shift_labels` and `num_items_in_batch`.
+        """
+        return softcapped_linear_cross_entropy(
+            hidden_states, self.lm_head.weight, labels, self.config.final_logit_softcapping, **kwargs
         )
 
 

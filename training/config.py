@@ -69,10 +69,12 @@ class TrainConfig:
     final_lr_ratio: float = 0.0
     muon_momentum_warmup_steps: int = 300
     grad_clip: float = 1.0  # 0 turns clipping off
+    stop_if_not_learning: bool = True  # stop when the loss has not fallen after the first 2% (>= 20 steps)
 
     # -- speed
     precision: str = "auto"  # "auto" (bf16 where supported on GPU, else fp32), "bf16", "fp32"
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model (each block and the loss; compiled before the clock starts)
+    compile_check: bool = True  # with compile: stop if the compiled gradients differ from the eager ones
     activation_checkpointing: bool = False
     dataloader_pin_memory: bool = True
 
