@@ -361,3 +361,32 @@ def test_loading_a_mismatched_checkpoint_raises():
     # Same groups, different sizes: a deeper model.
     with pytest.raises(ValueError, match="do not match"):
         load_optimizer_state_dicts(build_optimizers(TinyLM(layers=3)), states)
+
+
+def test_a_stack_of_matrices_is_orthogonalised_as_each_matrix_alone():
+    """Muon.step orthogonalises matrices of one shape together (one batched product per term); the
+    result must be each matrix's own, in both orientations."""
+    torch.manual_seed(0)
+    for shape in ((3, 16, 48), (3, 48, 16)):
+        stack = torch.randn(shape)
+        together = zeropower_via_newton_schulz(stack)
+        for i in range(shape[0]):
+            torch.testing.assert_close(together[i], zeropower_via_newton_schulz(stack[i]), rtol=1e-4, atol=1e-5)
+
+
+def test_muon_steps_several_matrices_as_it_steps_each_alone():
+    torch.manual_seed(0)
+    shapes = [(16, 48), (16, 48), (48, 16), (16, 16)]
+    together = [nn.Parameter(torch.randn(s)) for s in shapes]
+    alone = [nn.Parameter(p.detach().clone()) for p in together]
+    grads = [torch.randn(s) for s in shapes]
+    opt = Muon(together, lr=0.1, weight_decay=0.1)
+    singles = [Muon([p], lr=0.1, weight_decay=0.1) for p in alone]
+    for _ in range(3):
+        for p, q, g in zip(together, alone, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        for single in singles:
+            single.step()
+    for p, q in zip(together, alone):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-5)
