@@ -33,8 +33,10 @@ Generation: a batch of random prompts, a fixed number of new tokens (greedy, no 
 KV cache: transformers' dynamic cache, and with `--compile` also the static cache with the decoding
 step compiled (`cache_implementation="static"`; on CUDA transformers' auto-compile, CUDA graphs).
 
-`--compile` compiles our model and our optimizer step; `--compile-baseline` compiles GPT-2 too
-(like for like). The table says which contestant ran how.
+`--compile` compiles our model as training does (training/pretrain.py `compile_model`: each block and
+the loss; the optimizer step stays eager, its Newton-Schulz work batched by shape); `--compile-baseline`
+compiles GPT-2 too (whole, like for like). The table says which contestant ran how. Each phase prints
+a line as it starts and ends, with the seconds since the start (`--quiet` prints only the table).
 
 On a busy CPU, pass `--threads 1`: with more threads than free cores, threads wait on each other
 at every operation, which costs the model with more, smaller operations (ours) more than GPT-2.
@@ -62,6 +64,8 @@ from benchmarks.pretrain_recipe import gpt2_factory  # noqa: E402
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM  # noqa: E402
 from training.evaluate import flops_per_token, peak_flops  # noqa: E402
 from training.optim import build_optimizers  # noqa: E402
+from training.pretrain import compile_model as pretrain_compile  # noqa: E402
+from training.pretrain import train_step  # noqa: E402
 
 # Each training preset's step (training/presets/*.yaml): micro-batch rows, tokens per row, and the
 # micro-batches accumulated per optimizer step (batch_tokens / rows / tokens). gpt2-medium has no
@@ -76,36 +80,24 @@ class Contestant:
     """One model, its optimisers and its training step, ready to be timed."""
 
     def __init__(self, name: str, model: torch.nn.Module, optimizers: list, *, compile_model: bool,
-                 compile_optimizer: bool, label: str, compile_mode: str = "default", loss_kwargs: dict | None = None):
+                 label: str, compile_mode: str = "default", loss_kwargs: dict | None = None):
         self.name, self.model, self.optimizers, self.label = name, model, optimizers, label
         self.loss_kwargs = loss_kwargs or {}
-        self.forward = torch.compile(model, mode=compile_mode) if compile_model else model
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        # The optimizer step compiles to a few fused kernels instead of several per parameter.
-        self.optimizer_step = torch.compile(self._step_optimizers) if compile_optimizer else self._step_optimizers
-
-    def _step_optimizers(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.step()
+        if compile_model and compile_mode == "default":
+            pretrain_compile(model)  # what training does: per block and the loss for ours, whole for GPT-2
+        elif compile_model:
+            model.compile(mode=compile_mode)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], device: torch.device, autocast,
                    loss_sum: torch.Tensor, grad_clip: float) -> None:
-        """One optimizer step of training/pretrain.py over `micro_batches` (gradient accumulation).
+        """One optimizer step of training/pretrain.py (its own `train_step`) over `micro_batches`.
 
         Nothing here waits for the device: the batches are copied asynchronously from pinned memory,
         the loss is summed on the device, and clipping never reads the norm back.
         """
-        for batch in micro_batches:
-            inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with autocast():
-                loss = self.forward(**inputs, use_cache=False, **self.loss_kwargs).loss / len(micro_batches)
-            loss.backward()
-            loss_sum += loss.detach()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, grad_clip, foreach=True)
-        self.optimizer_step()
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
+        inputs = ({k: v.to(device, non_blocking=True) for k, v in batch.items()} for batch in micro_batches)
+        loss_sum += train_step(self.model, self.optimizers, inputs, accumulation=len(micro_batches),
+                               grad_clip=grad_clip, loss_kwargs=self.loss_kwargs, autocast=autocast)
 
     def resident_bytes(self) -> int:
         """Bytes this model keeps on its device between steps: weights and optimizer state."""
@@ -133,7 +125,7 @@ def build_contestants(args, device: torch.device) -> tuple[Contestant, Contestan
     if args.activation_checkpointing:
         ours.activation_checkpointing_enable()
     precision = "bf16 autocast" if args.dtype == "bf16" else "fp32"
-    ours_label = f"ours: Muon+AdamW, {precision}, {'compiled model+optimizer' if args.compile else 'eager'}"
+    ours_label = f"ours: Muon+AdamW, {precision}, {'compiled per block and loss' if args.compile else 'eager'}"
     if args.activation_checkpointing:
         ours_label += ", activation checkpointing"
     ours_label += ", plain loss from the logits" if args.plain_loss else ", chunked loss (skip_logits)"
@@ -143,10 +135,10 @@ def build_contestants(args, device: torch.device) -> tuple[Contestant, Contestan
         gpt2_label += f", {args.grad_accum} micro-batches per step"
     return (
         Contestant("ours", ours, build_optimizers(ours, optimizer="muon"), compile_model=args.compile,
-                   compile_optimizer=args.compile, label=ours_label, compile_mode=args.compile_mode,
+                   label=ours_label, compile_mode=args.compile_mode,
                    loss_kwargs={} if args.plain_loss else {"skip_logits": True}),
         Contestant("gpt2", gpt2, build_optimizers(gpt2, optimizer="adamw"), compile_model=args.compile_baseline,
-                   compile_optimizer=False, label=gpt2_label, compile_mode=args.compile_mode),
+                   label=gpt2_label, compile_mode=args.compile_mode),
     )
 
 
@@ -252,8 +244,11 @@ def measure_generation(args, device, contestants, static: bool) -> dict:
     for c in contestants:
         c.model.eval()
         results[c.name] = []
+    # The dynamic cache grows by a token each step: regions compiled for training would recompile at
+    # every length, so they run eagerly here (as pretraining's samples do).
+    eager = torch.compiler.set_stance("force_eager") if not static else contextlib.nullcontext()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eager:
             for c in contestants:  # warm-up: first calls build caches and compile
                 for _ in range(2 if static else 1):
                     with autocast():
@@ -392,13 +387,24 @@ def main(argv=None) -> dict:
     say(args, f"{args.preset} (vocab {vocab}) on {hardware}: ours {ours.model.num_parameters():,} parameters, "
               f"gpt2 {gpt2.model.num_parameters():,}")
 
+    began = time.perf_counter()
+
+    def phase(name: str) -> None:
+        say(args, f"[{time.perf_counter() - began:5.0f} s] {name}")
+
+    phase(f"training: {args.warmup} warm-up steps each (compilation happens here), then {args.rounds} rounds "
+          f"of {args.steps} steps")
     train = measure_training(args, device, contestants, batches)
+    phase("output head + loss alone, chunked vs plain")
     head = measure_loss_head(args, device, ours.model)
     generation = {}
     if not args.skip_generation:
+        phase("generation with the dynamic cache")
         generation["dynamic cache"] = measure_generation(args, device, contestants, static=False)
         if args.compile:
+            phase("generation with the static cache, decoding step compiled")
             generation["static cache + compile"] = measure_generation(args, device, contestants, static=True)
+    phase("done")
 
     peak = peak_flops(device) if args.dtype == "bf16" else None
     figures = {"preset": args.preset, "vocab_size": vocab, "device": hardware, "dtype": args.dtype,
