@@ -165,9 +165,9 @@ def format_table(results: dict) -> str:
     lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
     if any("hellaswag_acc_norm" in f for f in models.values()):
-        lines += ["", "HellaSwag acc_norm of models of GPT-2's size, zero-shot (methods differ slightly; see sources):"]
-        lines += [f"  {100 * value:5.1f}%  {model}  ({source})" for model, value, source in HELLASWAG_REFERENCES]
-        lines += ["  25.0%  chance (four endings)"]
+        lines += ["", "HellaSwag acc_norm of models of GPT-2's size, zero-shot (only the first row is scored as here):"]
+        lines += [f"  {100 * value:5.1f}%  {model}: {source}" for model, value, source in HELLASWAG_REFERENCES]
+        lines += [f"  {25.0:5.1f}%  chance (four endings)"]
     return "\n".join(lines)
 
 

@@ -147,7 +147,7 @@ def hellaswag_section(rows: list[dict], step: int) -> str:
     row = final[-1]
     return "\n".join([
         f"HellaSwag, zero-shot, scored as lm-evaluation-harness scores it, on {row['hellaswag_items']:,} items "
-        f"of the validation split, beside published figures for models of GPT-2's size:",
+        f"(see `hellaswag` in run_config.yaml), beside published figures for models of GPT-2's size:",
         "",
         "| model | HellaSwag acc_norm | source |",
         "|---|---|---|",

@@ -29,13 +29,14 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 
-# (model, HellaSwag acc_norm, where the figure comes from). The methods differ slightly from lm-eval's
-# (llm.c normalises by tokens, SmolLM2's card used lighteval), so read them as the neighbourhood a
-# model of this size lands in, not as digits to match.
+# (model, HellaSwag acc_norm, how it was scored and where the figure comes from). Only the first is
+# scored exactly as here (lm-eval-harness); llm.c divides by the ending's tokens, not characters, and
+# SmolLM2's card used lighteval, so read the others as the neighbourhood, not as digits to match.
 HELLASWAG_REFERENCES: list[tuple[str, float, str]] = [
-    ("GPT-2 124M (OpenAI)", 0.294, "llm.c GPT-2 (124M) reproduction write-up, github.com/karpathy/llm.c/discussions/481"),
-    ("llm.c GPT-2 124M reproduction (10B tokens)", 0.299, "same write-up, github.com/karpathy/llm.c/discussions/481"),
-    ("SmolLM2-135M", 0.421, "SmolLM2-135M model card, huggingface.co/HuggingFaceTB/SmolLM2-135M"),
+    ("GPT-2 124M (OpenAI)", 0.3114, "lm-eval-harness, as quoted in llm.c's dev/data/hellaswag.py (github.com/karpathy/llm.c)"),
+    ("GPT-2 124M (OpenAI)", 0.294, "llm.c's scoring, its GPT-2 (124M) reproduction write-up (github.com/karpathy/llm.c/discussions/481)"),
+    ("llm.c GPT-2 124M reproduction, 10B tokens", 0.299, "llm.c's scoring, same write-up"),
+    ("SmolLM2-135M, 2T tokens", 0.421, "lighteval, SmolLM2-135M model card (huggingface.co/HuggingFaceTB/SmolLM2-135M)"),
 ]
 
 HUB_DATASET = "Rowan/hellaswag"  # the copy lm-eval's task reads; validation split, 10,042 items
