@@ -228,6 +228,13 @@ def test_eval_prints_a_column_per_model_with_the_reference_figures(tmp_path, mod
     assert figures["hellaswag_references"][0]["acc_norm"] == HELLASWAG_REFERENCES[0][1]
 
 
+def test_the_readme_quotes_the_reference_figures_of_the_one_list():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Evaluate"):readme.index("## Alignment")]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "%" in line]
+    assert [row.split("|")[2].strip() for row in rows] == [f"{100 * value:.1f}%" for _, value, _ in HELLASWAG_REFERENCES]
+
+
 @pytest.mark.parametrize("case,message", [
     ("missing_field", "missing field endings"),
     ("label_outside", "label 4 is outside the 4 endings"),
