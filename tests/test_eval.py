@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from iterative_llm.cli import main as cli_main
 from training.config import build_config
 from training.evaluate import text_bits_per_byte, window_plan
-from training.multiple_choice import HELLASWAG_REFERENCES, load_items, score_hellaswag, to_item
+from training.multiple_choice import HELLASWAG_REFERENCES, hellaswag_in_run, load_items, score_hellaswag, to_item
 from training.pretrain import train
 
 from .conftest import tiny_model
@@ -389,3 +389,30 @@ def test_pretraining_hellaswag_settings_are_checked_before_training(tmp_path, te
     card_without = settings(text_dir, tmp_path / "plain", max_steps=2, eval_every=0)
     train(build_config(card_without))
     assert "HellaSwag was not scored during this run" in (tmp_path / "plain" / "README.md").read_text()
+
+
+def _hellaswag_process(rank: int, folder: str, items: str, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    model, tokenizer = _load(Path(folder))
+    config = SimpleNamespace(hellaswag=items, hellaswag_every=0, hellaswag_limit=None)
+    figures = hellaswag_in_run(config, model, tokenizer, 3, final=True, rank=rank, world_size=2)
+    Path(out, f"{rank}.json").write_text(json.dumps(figures))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_data_parallel_processes_share_the_items_and_agree_with_one_process(tmp_path, model_folder):
+    # 7 items: the two processes score 4 and 3, and add up their counts
+    items = write_jsonl(tmp_path / "val.jsonl", [record(ENDINGS[i % 3][i % 4:] + ENDINGS[i % 3][:i % 4], i % 4)
+                                                  for i in range(7)])
+    config = SimpleNamespace(hellaswag=str(items), hellaswag_every=0, hellaswag_limit=None)
+    alone = hellaswag_in_run(config, *_load(model_folder), 3, final=True)
+    torch.multiprocessing.spawn(_hellaswag_process, args=(str(model_folder), str(items), 29563, str(tmp_path)),
+                                nprocs=2)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == pytest.approx(alone)
+    assert alone["hellaswag_items"] == 7
+    assert hellaswag_in_run(SimpleNamespace(**{**vars(config), "hellaswag_every": 2}), *_load(model_folder), 3,
+                            final=False) == {}  # step 3 is not a HellaSwag step

@@ -90,7 +90,8 @@ def load_model(name: str, *, device: torch.device, dtype: torch.dtype, trust_rem
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        where = "the folder" if path.exists() else "the Hugging Face hub (is it reachable? HF_HUB_OFFLINE set?)"
+        where = ("the folder" if path.exists() else
+                 "the Hugging Face hub (there is no local folder of that name; is the hub reachable?)")
         raise EvalInputError(f"could not load {name} from {where}: {err}") from None
     if len(tokenizer) > model.config.vocab_size:
         raise EvalInputError(f"{name}: its tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}: "
