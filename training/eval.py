@@ -144,7 +144,7 @@ def evaluate_models(args: argparse.Namespace) -> dict:
 
 # (label, key in a model's figures, format) for the printed table, in order
 ROWS = [
-    ("parameters", "parameters", lambda v: f"{v / 1e6:.1f}M"),
+    ("parameters", "parameters", lambda v: f"{v:,}"),
     ("HellaSwag acc_norm", "hellaswag_acc_norm", lambda v: f"{100 * v:.2f}%"),
     ("HellaSwag acc", "hellaswag_acc", lambda v: f"{100 * v:.2f}%"),
     ("HellaSwag items", "hellaswag_items", lambda v: f"{v:,}"),

@@ -183,7 +183,7 @@ def text_bits_per_byte(
     model.eval()
     pieces, num_bytes, num_tokens, num_documents = [], 0, 0, 0  # pieces: (window tokens, first target index)
     for text in documents:
-        ids = [prefix] + tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = [prefix] + tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # windows follow
         num_bytes += len(text.encode("utf-8"))
         num_tokens += len(ids) - 1
         num_documents += 1
