@@ -106,8 +106,9 @@ def load_items(source: str, limit: int | None = None) -> list[Item]:
     path = Path(source).expanduser()
     if not path.is_file():
         raise HellaSwagError(
-            f"no HellaSwag file at {source}. Give a JSONL file of HellaSwag records (e.g. hellaswag_val.jsonl "
-            f"from the dataset's GitHub), or `hub` for the Hugging Face copy {HUB_DATASET}."
+            f"no HellaSwag file at {source}. Give a JSONL file of HellaSwag records, or `hub` for the validation "
+            f"split of {HUB_DATASET} (the dataset's GitHub repository is no longer served; save the hub split "
+            f"once with datasets: load_dataset({HUB_DATASET!r}, split='validation').to_json('hellaswag_val.jsonl'))."
         )
     items = []
     with open(path, encoding="utf-8") as f:
@@ -137,7 +138,8 @@ def _hub_items(limit: int | None) -> list[Item]:
     except Exception as err:  # the hub raises many kinds (offline, not found, auth)
         raise HellaSwagError(
             f"could not load {HUB_DATASET} from the Hugging Face hub ({type(err).__name__}: {err}). Check your "
-            f"network, or download the validation file once and pass it: --hellaswag hellaswag_val.jsonl."
+            f"network, or save the split once where the hub is reachable (load_dataset({HUB_DATASET!r}, "
+            f"split='validation').to_json('hellaswag_val.jsonl')) and pass the file: --hellaswag hellaswag_val.jsonl."
         ) from None
     return [to_item(dict(row), f"{HUB_DATASET} validation item {i}") for i, row in enumerate(rows)]
 
