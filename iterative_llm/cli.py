@@ -18,6 +18,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "sft": ("training.sft", "supervised fine-tuning on conversations (TRL SFTTrainer)"),
     "dpo": ("training.dpo", "preference optimisation on chosen/rejected pairs (TRL DPOTrainer)"),
     "chat": ("training.chat", "talk to a chat model in the terminal"),
+    "eval": ("training.eval", "HellaSwag, bits per byte and reference figures for any model folder or hub id"),
     "explain": ("iterative_llm.explain", "walk a sentence through the model, step by step, with pictures"),
     "compare": ("iterative_llm.compare", "plot and tabulate several training runs side by side"),
 }

@@ -89,6 +89,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     report_to: str = "tensorboard"  # "tensorboard", "wandb", "none"
     progress: bool = True
+    hellaswag: str | None = None  # HellaSwag items scored at evaluations: a JSONL file or "hub"; null = none
+    hellaswag_every: int = 0  # steps between HellaSwag scores, a multiple of eval_every; 0 = only at the end
+    hellaswag_limit: int | None = None  # score only the first N items (null: all; the validation split has 10,042)
 
 
 def _field_types() -> dict[str, Any]:
@@ -215,6 +218,9 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
             raise ValueError(f"`{name}` must be a positive integer, got {getattr(config, name)!r}.")
     if not 0.0 <= config.cooldown_fraction <= 1.0:
         raise ValueError(f"`cooldown_fraction` must be in [0, 1], got {config.cooldown_fraction!r}.")
+    from .multiple_choice import check_training_settings
+
+    check_training_settings(config)  # the hellaswag* fields
     return config
 
 

@@ -137,3 +137,86 @@ def peak_flops(device: torch.device) -> float | None:
         if key in name:
             return value
     return None
+
+
+# ---------------------------------------------------------------------- bits per byte of any text
+
+
+def window_plan(length: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """Overlapping windows over a sequence of `length` tokens whose position 0 is only context.
+
+    Each window is (begin, end, first): the model reads tokens begin..end-1 (at most `window`) and
+    scores the targets first..end-1. Every position 1..length-1 is scored exactly once, and each
+    window after the first starts `stride` tokens later, so every target there has at least
+    `window - stride` tokens of context (the "sliding window" of Hugging Face's perplexity guide).
+    """
+    if not 1 <= stride < window:
+        raise ValueError(f"the stride ({stride}) must be at least 1 and below the window ({window} tokens), "
+                         f"or some tokens would be scored without context")
+    plan, begin, first = [], 0, 1
+    while True:
+        end = min(begin + window, length)
+        plan.append((begin, end, first))
+        if end >= length:
+            return plan
+        first, begin = end, begin + stride
+
+
+@torch.no_grad()
+def text_bits_per_byte(
+    model, tokenizer, documents, *, window: int, stride: int | None = None, batch_size: int = 8,
+    autocast=None, progress: bool = False,
+) -> dict[str, float]:
+    """Bits per byte of `documents` (strings) under `model`, with the model's own tokenizer.
+
+    Each document is scored on its own, after one boundary token (BOS, else EOS) so that its first
+    token is predicted too; documents longer than `window` tokens are scored in overlapping windows
+    (`window_plan`, stride `window // 2` by default). Bytes are the documents' UTF-8 bytes, so the
+    figure compares across tokenizers: bits = total nats / ln 2, divided by bytes.
+    """
+    stride = stride or max(1, window // 2)
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if prefix is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to start each document with")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    pieces, num_bytes, num_tokens, num_documents = [], 0, 0, 0  # pieces: (window tokens, first target index)
+    for text in documents:
+        ids = [prefix] + tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # windows follow
+        num_bytes += len(text.encode("utf-8"))
+        num_tokens += len(ids) - 1
+        num_documents += 1
+        for begin, end, first in window_plan(len(ids), window, stride):
+            pieces.append((ids[begin:end], first - begin))
+    if num_tokens == 0:
+        raise ValueError("the text holds no tokens to score")
+    pieces.sort(key=lambda piece: -len(piece[0]))  # similar lengths share a batch
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_tokens, desc="bits per byte", unit="tok", dynamic_ncols=True)
+    nats = 0.0
+    for start in range(0, len(pieces), batch_size):
+        batch = pieces[start:start + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+        attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for r, (ids, _) in enumerate(batch):
+            input_ids[r, :len(ids)] = torch.tensor(ids)
+            attention_mask[r, :len(ids)] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        for r, (ids, first) in enumerate(batch):
+            # position p predicts token p + 1; targets first..len-1 are predicted at first-1..len-2
+            row = logits[r, first - 1:len(ids) - 1].float()
+            nats += F.cross_entropy(row, input_ids[r, first:len(ids)], reduction="sum").item()
+            if bar is not None:
+                bar.update(len(ids) - first)
+    if bar is not None:
+        bar.close()
+    model.train(was_training)
+    return {"bits_per_byte": nats / (math.log(2) * num_bytes), "loss": nats / num_tokens, "bytes": num_bytes,
+            "tokens": num_tokens, "documents": num_documents}

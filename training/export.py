@@ -61,7 +61,17 @@ def plot_loss_curve(run_dir: str | Path, png: str | Path) -> bool:
     axis.set_xlabel("tokens seen")
     axis.set_ylabel("loss (nats per token)")
     axis.grid(alpha=0.3)
-    axis.legend()
+    handles, labels = axis.get_legend_handles_labels()
+    scored = [r for r in evals if "hellaswag_acc_norm" in r]
+    if scored:  # HellaSwag on a second axis, in percent, with chance marked
+        right = axis.twinx()
+        right.plot([r["tokens"] for r in scored], [100 * r["hellaswag_acc_norm"] for r in scored], "s--",
+                   color="tab:green", label="HellaSwag acc_norm (%)")
+        right.axhline(25.0, color="tab:green", linewidth=0.8, alpha=0.4)
+        right.set_ylabel("HellaSwag acc_norm (%, chance 25)")
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    axis.legend(handles, labels)
     figure.tight_layout()
     figure.savefig(png)
     plt.close(figure)
@@ -119,7 +129,29 @@ def export_model_folder(out: str | Path, model, tokenizer, summary: dict) -> Non
             f"vocabulary {config.vocab_size}, {'tied' if config.tie_word_embeddings else 'untied'} embeddings"
         ),
         "loss_curve": "![loss curve](loss_curve.png)" if has_curve else "(no curve: no training rows were logged)",
+        "hellaswag": hellaswag_section(rows, summary["steps"]),
         "samples": "\n\n".join(f"```text\n{s['text']}\n```" for s in samples) or "(none)",
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items() if v),
     }
     (out / "README.md").write_text(fill_model_card(values))
+
+
+def hellaswag_section(rows: list[dict], step: int) -> str:
+    """The card's HellaSwag table: the run's final figures beside the published ones, with sources."""
+    from .multiple_choice import references_markdown
+
+    final = [r for r in rows if r.get("kind") == "eval" and r.get("step") == step and "hellaswag_acc_norm" in r]
+    if not final:
+        return ("HellaSwag was not scored during this run. Score it with "
+                "`iterative-llm eval THIS_FOLDER --hellaswag hub` (or `--hellaswag hellaswag_val.jsonl`).")
+    row = final[-1]
+    return "\n".join([
+        f"HellaSwag, zero-shot, scored as lm-evaluation-harness scores it, on {row['hellaswag_items']:,} items "
+        f"(see `hellaswag` in run_config.yaml), beside published figures for models of GPT-2's size:",
+        "",
+        "| model | HellaSwag acc_norm | source |",
+        "|---|---|---|",
+        f"| this model (acc {100 * row['hellaswag_acc']:.1f}%) | {100 * row['hellaswag_acc_norm']:.1f}% | this run's metrics.jsonl, step {step} |",
+        references_markdown(),
+        "| chance (four endings) | 25.0% | |",
+    ])

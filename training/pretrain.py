@@ -43,6 +43,7 @@ from .config import TrainConfig, parse_args, to_dict
 from .data import RandomWindowBatches, ShardedDataset, iter_documents, prepare_shards, token_byte_lengths
 from .evaluate import evaluate, flops_per_token, peak_flops, sample
 from .export import export_model_folder, package_versions
+from .multiple_choice import hellaswag_in_run
 from .optim import apply_lr, apply_muon_momentum, build_optimizers, lr_multiplier, muon_momentum
 
 
@@ -208,6 +209,8 @@ def train(config: TrainConfig, model_factory=None) -> dict:
                 max_tokens=config.eval_tokens, device=device, autocast=accelerator.autocast, rank=rank,
                 world_size=world_size,
             )
+            result.update(hellaswag_in_run(config, raw_model, tokenizer, state["step"], final=progress_fraction() >= 1.0,
+                                           autocast=accelerator.autocast, rank=rank, world_size=world_size))
         row = {"kind": "eval", "step": state["step"], "tokens": state["tokens"], "time": round(state["time"], 3), **result}
         log_row(row)
         if config.report_to != "none":
