@@ -46,10 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=100,
                         help="tokens to generate (default 100); a long prompt slides out of the model's context "
                              "to make room for them")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top_k", "--top-k", type=int, default=50)
-    parser.add_argument("--num_samples", "--num-samples", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8); 0 = greedy")
+    parser.add_argument("--top_k", "--top-k", type=int, default=50,
+                        help="sample among the k most likely tokens (default 50)")
+    parser.add_argument("--num_samples", "--num-samples", type=int, default=1, help="texts to write (default 1)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for repeatable sampling")
     parser.add_argument("--cache", choices=["dynamic", "static"], default=None,
                         help="key/value cache: dynamic (default) or static (default with --compile)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (static cache)")
