@@ -34,8 +34,8 @@ import trl
 from trl import DPOTrainer, ModelConfig, TrlParser
 
 from training.alignment_data import (
-    InputError,
     DataArguments,
+    InputError,
     default_output_dir,
     load_preference_dataset,
     load_starting_model,

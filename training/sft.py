@@ -30,8 +30,8 @@ import trl
 from trl import ModelConfig, SFTTrainer, TrlParser
 
 from training.alignment_data import (
-    InputError,
     DataArguments,
+    InputError,
     default_output_dir,
     end_of_turn_ids,
     load_sft_dataset,
