@@ -293,6 +293,7 @@ def plot(runs: list[Run], path: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iterative-llm compare",
+        allow_abbrev=False,
         description="Plot several training runs' validation bits per byte and tabulate how their configs differ.",
     )
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs/NAME) written by `iterative-llm train`")

@@ -336,7 +336,7 @@ def explain(model, tokenizer, text: str, layer: int = 0, head: int = 0, top_k: i
             f"numbered 0 to {config.num_attention_heads - 1}."
         )
     if top_k < 1:
-        raise ExplainError(f"--top-k must be at least 1, got {top_k}.")
+        raise ExplainError(f"--top_k must be at least 1, got {top_k}.")
     if getattr(config, "_attn_implementation", None) != "eager":
         raise ExplainError(
             f"the model uses {config._attn_implementation!r} attention, which does not return attention weights: "
@@ -1088,13 +1088,15 @@ def run(model, tokenizer, text: str, *, layer: int = 0, head: int = 0, top_k: in
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iterative-llm explain",
+        allow_abbrev=False,
         description="Walk a sentence through the model step by step, with the real numbers and pictures.",
     )
     parser.add_argument("model", help="a run folder (runs/NAME) or a saved model folder with its tokenizer")
     parser.add_argument("sentence", help="the text to walk through the model")
     parser.add_argument("--layer", type=int, default=0, help="layer whose attention is shown step by step (default 0)")
     parser.add_argument("--head", type=int, default=0, help="attention head shown step by step (default 0)")
-    parser.add_argument("--top-k", type=int, default=10, help="how many next-token candidates to list (default 10)")
+    # Underscores, like every other command; the dashed spelling is an alias.
+    parser.add_argument("--top_k", "--top-k", type=int, default=10, help="how many next-token candidates to list (default 10)")
     parser.add_argument("--out", default="explain_out", help="folder for the pictures and report.html (default explain_out/)")
     return parser
 

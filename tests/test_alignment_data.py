@@ -262,6 +262,60 @@ def test_cpu_defaults_turn_off_bf16_and_checkpointing_unless_asked(monkeypatch):
     assert (Args.bf16, Args.gradient_checkpointing) == (False, False)
 
 
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_the_presets_and_defaults_give_no_deprecation_warning(stage, tmp_path, monkeypatch):
+    """transformers 5.x renamed gradient_checkpointing to activation_checkpointing and warns (FutureWarning)
+    whenever the old name is set: every SFT and DPO run printed it."""
+    import warnings
+
+    import torch
+
+    from training import dpo, sft
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    module = {"sft": sft, "dpo": dpo}[stage]
+    presets = sorted((Path(__file__).parents[1] / "training" / "presets").glob(f"{stage}-*.yaml"))
+    assert len(presets) >= 2
+    for arguments in [[]] + [["--config", str(preset)] for preset in presets]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, config, _ = module.make_parser().parse_args_and_config(args=[*arguments, "--output_dir", str(tmp_path)])
+        assert not [str(w.message) for w in caught if "checkpointing" in str(w.message)], arguments
+        assert (config.activation_checkpointing, config.gradient_checkpointing) == (False, False)
+
+
+def test_a_file_too_small_for_the_held_out_rows_gets_a_message_naming_num_heldout(tmp_path, capsys):
+    """The sft-tiny preset holds out 100 rows: a 16-row file stopped with a traceback. Now one line says which
+    option to change and to what, before the model is loaded, and no output folder is made."""
+    from iterative_llm.cli import main as cli_main
+
+    small = write_jsonl(tmp_path / "small.jsonl", qa_conversations(16))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs(16))
+    for stage, data in (("sft", small), ("dpo", pairs)):
+        out = tmp_path / f"out-{stage}"
+        preset = Path(__file__).parents[1] / "training" / "presets" / f"{stage}-tiny.yaml"
+        code = cli_main([stage, "--config", str(preset), "--dataset_name", str(data),
+                         "--model_name_or_path", str(tmp_path / "model-never-loaded"), "--output_dir", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and not out.exists()
+        assert err.strip().splitlines()[-1] == (
+            f"iterative-llm {stage}: --num_heldout 100 leaves nothing to train on: the dataset has only 16 usable "
+            f"rows. Hold out fewer rows (--num_heldout 2, or --num_heldout 0 to skip the evaluation before and "
+            f"after), or give more data."
+        ), err
+
+
+def test_mistyped_or_abbreviated_options_are_refused_with_a_usage_message(capsys):
+    from iterative_llm.cli import main as cli_main
+
+    for stage in ("sft", "dpo"):
+        for typo in ("--num_heldot", "--num_held"):
+            with pytest.raises(SystemExit) as exit_info:
+                cli_main([stage, typo, "3"])
+            assert exit_info.value.code == 2
+            assert f"unrecognized arguments: {typo} 3" in capsys.readouterr().err
+
+
 def test_model_card_sections_append(tmp_path):
     append_model_card_section(tmp_path, "Pretraining", {"steps": 10, "val loss": 3.14159})
     append_model_card_section(tmp_path, "SFT", {"data": "a|b", "figure": None})

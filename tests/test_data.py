@@ -290,7 +290,7 @@ def test_interrupted_run_resumes_where_it_stopped(sources, tokenizer, tmp_path, 
 
 def test_other_tokenizer_or_settings_in_the_same_out_dir_raise(sources, tokenizer, other_tokenizer, tmp_path):
     _prepare(sources["jsonl"], tokenizer, tmp_path)
-    with pytest.raises(ValueError, match="different settings.*tokenizer_fingerprint.*Pick another out_dir, or delete"):
+    with pytest.raises(ValueError, match="different settings.*tokenizer_fingerprint.*another folder.*--data_cache.*--out.*or delete"):
         _prepare(sources["jsonl"], other_tokenizer, tmp_path)
     with pytest.raises(ValueError, match="val_fraction"):
         _prepare(sources["jsonl"], tokenizer, tmp_path, val_fraction=0.5)
@@ -434,7 +434,7 @@ def test_missing_text_column_lists_the_columns(tmp_path):
     jsonl = _write_jsonl(tmp_path / "d.jsonl", DOCS[:3], column="content")
     parquet = _write_parquet(tmp_path / "d.parquet", DOCS[:3], column="content")
     for path in (jsonl, parquet):
-        with pytest.raises(ValueError, match=r"no column 'text'.*'id', 'content'.*--text-column"):
+        with pytest.raises(ValueError, match=r"no column 'text'.*'id', 'content'.*--text_column"):
             list(iter_documents(str(path)))
         assert list(iter_documents(str(path), text_column="content")) == DOCS[:3]
 
@@ -465,7 +465,7 @@ def test_too_short_split_is_rejected(prepared):
 def test_single_document_cannot_be_split(tokenizer, tmp_path):
     path = tmp_path / "book.txt"
     path.write_text("One long book that is a single document.\n" * 50)
-    with pytest.raises(ValueError, match="validation split came out empty.*val_source.*doc_separator"):
+    with pytest.raises(ValueError, match="validation split came out empty.*--val_data.*--doc_separator"):
         _prepare(path, tokenizer, tmp_path / "out", val_fraction=0.02)
     assert not (tmp_path / "out" / data.MANIFEST).exists()  # nothing half-made is left to trip over
 

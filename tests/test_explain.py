@@ -194,7 +194,7 @@ def _one_line_error(capsys) -> str:
         ("the cat " * 80, [], "longer than this model's context (max_position_embeddings = 64)"),
         (SENTENCE, ["--layer", "2"], "--layer 2 is out of range: this model has 2 layers"),
         (SENTENCE, ["--head", "-1"], "--head -1 is out of range"),
-        (SENTENCE, ["--top-k", "0"], "--top-k must be at least 1"),
+        (SENTENCE, ["--top-k", "0"], "--top_k must be at least 1"),  # the dashed alias, named canonically
     ],
     ids=["empty", "too-long", "layer", "head", "top-k"],
 )

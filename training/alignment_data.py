@@ -140,13 +140,15 @@ def _pick_split(loaded, split: str, name: str):
 def split_heldout(dataset, num_heldout: int, seed: int = 0):
     """(train, heldout): a seeded random `num_heldout` rows kept out of training; heldout is None for 0."""
     if num_heldout < 0:
-        raise ValueError(f"num_heldout must be >= 0, got {num_heldout}.")
+        raise ValueError(f"--num_heldout must be 0 or more, got {num_heldout}.")
     if num_heldout == 0:
         return dataset, None
     if num_heldout >= len(dataset):
+        suggestion = f"--num_heldout {max(1, round(len(dataset) / 10))}" if len(dataset) >= 2 else ""
         raise ValueError(
-            f"num_heldout={num_heldout} leaves nothing to train on: the dataset has only {len(dataset)} usable rows. "
-            f"Hold out fewer rows (--num_heldout)."
+            f"--num_heldout {num_heldout} leaves nothing to train on: the dataset has only {len(dataset)} usable "
+            f"rows. Hold out fewer rows ({suggestion + ', ' if suggestion else ''}or --num_heldout 0 to skip the "
+            f"evaluation before and after), or give more data."
         )
     parts = dataset.train_test_split(test_size=num_heldout, seed=seed, shuffle=True)
     return parts["train"], parts["test"]
@@ -404,11 +406,29 @@ def _keep_usable(converted, source: str, what: str):
 # Model folders: shared by both scripts
 
 
+class InputError(ValueError):
+    """A problem with what the user gave (data, model folder, options): reported in one line, no traceback."""
+
+
+def parse_command_line(parser, argv: list[str] | None):
+    """`parser.parse_args_and_config` (TrlParser), with a mistyped option or a bad value reported as a usage
+    error, not a traceback."""
+    try:
+        *parsed, unknown = parser.parse_args_and_config(args=argv, return_remaining_strings=True)
+    except ValueError as err:  # a value a config's __post_init__ refuses
+        parser.error(str(err))
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return parsed
+
+
 def resolve_device_defaults(args) -> None:
     """TRL defaults to bf16 and gradient checkpointing, which fail or only cost time on a CPU.
 
-    `bf16=None` becomes True only on a GPU that supports it; `gradient_checkpointing=None` becomes
-    False on a CPU and TRL's default (True) on a GPU. Explicit values are left alone. On a machine
+    `bf16=None` becomes True only on a GPU that supports it; activation checkpointing left unset
+    (`activation_checkpointing`, or its deprecated alias `gradient_checkpointing`) becomes False on a
+    CPU and TRL's default (True) on a GPU. Setting the new name keeps transformers (5.x) from warning
+    that the old one is deprecated. Explicit values are left alone. On a machine
     with no accelerator at all, `use_cpu` is set (so `torchrun` gives CPU data parallelism rather
     than independent copies of the run) and the data loader does not pin memory.
     """
@@ -417,8 +437,8 @@ def resolve_device_defaults(args) -> None:
     gpu = torch.cuda.is_available() and not args.use_cpu
     if args.bf16 is None and not args.fp16:
         args.bf16 = bool(gpu and torch.cuda.is_bf16_supported())
-    if args.gradient_checkpointing is None:
-        args.gradient_checkpointing = gpu
+    if getattr(args, "activation_checkpointing", None) is None and args.gradient_checkpointing is None:
+        args.activation_checkpointing = args.gradient_checkpointing = gpu
     accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
         hasattr(torch, "xpu") and torch.xpu.is_available())
     if not accelerator:

@@ -1,13 +1,15 @@
-"""Talk to a chat model in the terminal: `iterative-llm chat runs/NAME-sft`.
+"""Talk to a chat model in the terminal: `iterative-llm chat runs/NAME-sft`, then type at the `you>` prompt.
 
 Each turn renders the whole conversation with the model's chat template, streams the reply token by
 token as it is generated, and adds it to the conversation. Commands: `/reset` starts a new
 conversation, `/exit` (or Ctrl-D) leaves; Ctrl-C during a reply stops that reply, Ctrl-C at the
 prompt leaves. When the conversation outgrows the model's context, the oldest turns are dropped.
+Lines can also be piped in (`echo "hi" | iterative-llm chat runs/NAME-sft`): each is answered in turn.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
@@ -20,7 +22,9 @@ from training.alignment_data import end_of_turn_ids, load_tokenizer_with_templat
 
 @dataclass
 class ChatArguments:
-    model_name_or_path: str = field(metadata={"help": "A chat model folder (written by `iterative-llm sft` or `dpo`)."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The chat model folder; the same as giving it as MODEL, the first argument."}
+    )
     system_prompt: str | None = field(default=None, metadata={"help": "A system message that opens the conversation."})
     max_new_tokens: int = field(default=256, metadata={"help": "The longest reply, in tokens."})
     do_sample: bool = field(default=True, metadata={"help": "Sample replies (--do_sample false: greedy)."})
@@ -148,18 +152,55 @@ def load_chat_model(args: ChatArguments):
     return model, tokenizer
 
 
+USAGE = "iterative-llm chat MODEL [options]   (then type at the `you>` prompt; Ctrl-D or /exit leaves)"
+
+
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser(ChatArguments, prog="iterative-llm chat", usage=USAGE, allow_abbrev=False,
+                              description="Talk to a chat model in the terminal.")
+    parser.add_argument("model", nargs="?", metavar="MODEL",
+                        help="a chat model folder (written by `iterative-llm sft` or `dpo`), or a hub model name")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> ChatArguments:
+    """The chat options, with the model folder given as MODEL or --model_name_or_path; usage errors exit."""
+    parser = build_parser()
+    args, extra, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if any(arg.startswith("-") for arg in rest):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest:
+        parser.error(
+            f"unexpected argument {rest[0]!r}: chat takes the model folder only, and reads your messages at its "
+            f"`you>` prompt. Run `iterative-llm chat {extra.model or 'MODEL'}` and type {rest[0]!r} there, or pipe "
+            f"it in: echo {rest[0]!r} | iterative-llm chat {extra.model or 'MODEL'}"
+        )
+    if extra.model and args.model_name_or_path and extra.model != args.model_name_or_path:
+        parser.error(f"two models given: {extra.model!r} and --model_name_or_path {args.model_name_or_path!r}; give one.")
+    args.model_name_or_path = extra.model or args.model_name_or_path
+    if not args.model_name_or_path:
+        parser.error("no model given: name the chat model folder, e.g. `iterative-llm chat runs/tiny-sft`.")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-"):
-        argv = ["--model_name_or_path", argv[0], *argv[1:]]  # `iterative-llm chat MODEL [options]`
-    parser = HfArgumentParser(ChatArguments, prog="iterative-llm chat")
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    from transformers.utils import logging as hf_logging
+
+    args = parse_args(argv)
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    if _looks_local(args.model_name_or_path) and not os.path.isdir(os.path.expanduser(args.model_name_or_path)):
+        print(f"iterative-llm chat: no folder {args.model_name_or_path!r}. Give a chat model folder, e.g. "
+              f"runs/tiny-sft (written by `iterative-llm sft`).", file=sys.stderr)
+        return 2
+    hf_logging.disable_progress_bar()  # the weight-loading bar would mix with the conversation
     try:
         model, tokenizer = load_chat_model(args)
     except KeyboardInterrupt:
         return 0
+    except (OSError, ValueError) as err:  # no such folder, not a model, no chat template, ...
+        print(f"iterative-llm chat: {_load_error(args.model_name_or_path, err)}", file=sys.stderr)
+        return 2
     session = ChatSession(model, tokenizer, args)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -168,6 +209,20 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             pass
     return chat_loop(session, interactive=interactive)
+
+
+def _looks_local(model: str) -> bool:
+    """A path rather than a hub name: `./x`, `/x`, `~/x`, or `runs/x` when `runs/` is a folder here."""
+    parent = os.path.dirname(model.rstrip("/"))
+    return model.startswith((".", "/", "~")) or (parent != "" and os.path.isdir(parent))
+
+
+def _load_error(model: str, err: Exception) -> str:
+    if os.path.exists(os.path.expanduser(model)):
+        return str(err)
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"{model!r} is not a folder here, and loading it from the Hugging Face hub failed ({first_line}). "
+            f"Give a chat model folder, e.g. runs/tiny-sft (written by `iterative-llm sft`).")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def iter_documents(
     Documents that are empty or only whitespace are skipped.
     """
     if max_documents is not None and max_documents < 1:
-        raise ValueError(f"max_documents must be at least 1, got {max_documents}")
+        raise ValueError(f"--max_documents must be at least 1, got {max_documents}")
     count = 0
     for text in _raw_documents(source, text_column, split, doc_separator):
         if not text.strip():
@@ -265,7 +265,7 @@ def _record_text(record: Any, text_column: str, where: str) -> str:
     if text_column not in record:
         raise ValueError(
             f"{where}: no column {text_column!r}; the columns are {list(record)}. "
-            "Pass --text-column with the one that holds the text."
+            "Pass --text_column with the one that holds the text."
         )
     value = record[text_column]
     if value is None:
@@ -273,7 +273,7 @@ def _record_text(record: Any, text_column: str, where: str) -> str:
     if not isinstance(value, str):
         raise ValueError(
             f"{where}: column {text_column!r} holds {type(value).__name__}, not text. "
-            "Pass --text-column with the one that holds the text."
+            "Pass --text_column with the one that holds the text."
         )
     return value
 
@@ -290,7 +290,7 @@ def _parquet_documents(path: Path, gzipped: bool, text_column: str) -> Iterator[
     if text_column not in schema.names:
         raise ValueError(
             f"{path}: no column {text_column!r}; the columns are {schema.names}. "
-            "Pass --text-column with the one that holds the text."
+            "Pass --text_column with the one that holds the text."
         )
     column_type = schema.field(text_column).type
     is_string_view = getattr(pa.types, "is_string_view", lambda t: False)  # pyarrow >= 16
@@ -298,7 +298,7 @@ def _parquet_documents(path: Path, gzipped: bool, text_column: str) -> Iterator[
             or is_string_view(column_type)):
         raise ValueError(
             f"{path}: column {text_column!r} holds {column_type}, not text. "
-            "Pass --text-column with the one that holds the text."
+            "Pass --text_column with the one that holds the text."
         )
     for batch in parquet.iter_batches(batch_size=1024, columns=[text_column]):
         for value in batch.column(0).to_pylist():
@@ -486,7 +486,7 @@ def prepare_shards(
     A finished `out_dir` made with the same settings is reused; an interrupted one is resumed.
     """
     if val_source is None and not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+        raise ValueError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
     if max_tokens is not None and max_tokens < 1:
@@ -602,12 +602,12 @@ def prepare_shards(
         if "val" in empty:
             raise ValueError(
                 f"the validation split came out empty: none of the {total} documents of {source} "
-                f"hashed below val_fraction={val_fraction}. The split is by whole document, so give "
-                "it more documents: pass val_source with held-out text, a doc_separator that cuts "
+                f"hashed below --val_fraction {val_fraction}. The split is by whole document, so give "
+                "it more documents: pass --val_data with held-out text, a --doc_separator that cuts "
                 "the text into many documents, or more files or records."
             )
         raise ValueError(f"the train split came out empty: all {total} documents went to validation; "
-                         "lower val_fraction or add documents")
+                         "lower --val_fraction or add documents")
     manifest["complete"] = True
     _write_json(out / MANIFEST, manifest)
     dataset = ShardedDataset(out, manifest)
@@ -720,7 +720,8 @@ def _check_same_settings(out: Path, manifest: dict, settings: dict) -> None:
         raise ValueError(
             f"{out} already holds shards prepared with different settings ("
             + "; ".join(differences)
-            + f"). Pick another out_dir, or delete {out} to prepare it again."
+            + f"). Prepare them in another folder (train: --data_cache, or another --out), or delete {out} "
+            "to prepare it again."
         )
 
 
@@ -1064,25 +1065,26 @@ def _make_batch(rows: np.ndarray, boundary: int, document_positions: bool, pin_m
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.data", description=(
+    parser = argparse.ArgumentParser(prog="python -m training.data", allow_abbrev=False, description=(
         "Tokenise a text source into train/val shards (reused when already there)."))
     parser.add_argument("source", help=f"{BUILTIN_PYTHON_DOCS}, a file or folder, or a hub dataset NAME[:CONFIG][@SPLIT]")
-    parser.add_argument("out_dir")
+    parser.add_argument("out_dir", metavar="OUT_DIR")
+    # The names `iterative-llm train` uses, with underscores; the dashed spellings are aliases.
     parser.add_argument("--tokenizer", required=True, help="a folder saved with save_pretrained")
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--doc-separator", default=None)
-    parser.add_argument("--val-source", default=None)
-    parser.add_argument("--val-fraction", type=float, default=0.02)
-    parser.add_argument("--shard-tokens", type=int, default=50_000_000)
-    parser.add_argument("--max-documents", type=int, default=None)
-    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--text_column", "--text-column", default="text")
+    parser.add_argument("--doc_separator", "--doc-separator", default=None)
+    parser.add_argument("--val_data", "--val-data", default=None, help="a separate validation source")
+    parser.add_argument("--val_fraction", "--val-fraction", type=float, default=0.02)
+    parser.add_argument("--shard_tokens", "--shard-tokens", type=int, default=50_000_000)
+    parser.add_argument("--max_documents", "--max-documents", type=int, default=None)
+    parser.add_argument("--max_tokens", "--max-tokens", type=int, default=None)
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     dataset = prepare_shards(args.source, tokenizer, args.out_dir, text_column=args.text_column,
-                             doc_separator=args.doc_separator, val_source=args.val_source,
+                             doc_separator=args.doc_separator, val_source=args.val_data,
                              val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
                              max_documents=args.max_documents, max_tokens=args.max_tokens)
     print(dataset)

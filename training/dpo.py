@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -34,9 +35,11 @@ from trl import DPOTrainer, ModelConfig, TrlParser
 
 from training.alignment_data import (
     DataArguments,
+    InputError,
     default_output_dir,
     load_preference_dataset,
     load_starting_model,
+    parse_command_line,
     peft_config_from,
     read_model_card,
     resolve_device_defaults,
@@ -48,10 +51,15 @@ from training.model_card import append_model_card_section
 
 @dataclass
 class DPOConfig(trl.DPOConfig):
-    """TRL's DPOConfig, with bf16 and gradient checkpointing decided by the hardware unless set."""
+    """TRL's DPOConfig, with bf16 and activation (gradient) checkpointing decided by the hardware unless set."""
 
+    activation_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Recompute activations in backward to save memory (default: on a GPU only).",
+                                "nargs": "?", "const": True},
+    )
+    # TRL sets the deprecated alias to True; unset, it follows activation_checkpointing.
     gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Recompute activations in backward (default: on a GPU only)."}
+        default=None, metadata={"help": "Deprecated alias of --activation_checkpointing.", "nargs": "?", "const": True}
     )
 
     def __post_init__(self):
@@ -60,7 +68,7 @@ class DPOConfig(trl.DPOConfig):
 
 
 def make_parser() -> TrlParser:
-    return TrlParser((DataArguments, DPOConfig, ModelConfig), prog="iterative-llm dpo")
+    return TrlParser((DataArguments, DPOConfig, ModelConfig), prog="iterative-llm dpo", allow_abbrev=False)
 
 
 def frozen_copy(model):
@@ -212,11 +220,14 @@ def make_trainer(model, tokenizer, train_dataset, heldout, training_args: DPOCon
 
 def run(script_args: DataArguments, training_args: DPOConfig, model_args: ModelConfig) -> dict:
     """Optimise on preference pairs, evaluate before and after, write the chat model folder. Returns the figures."""
-    model, tokenizer = load_starting_model(model_args, training_args)
+    try:  # the data first: its mistakes show in seconds, before the model loads
+        train_dataset, heldout = load_preference_dataset(script_args, seed=training_args.seed)
+        model, tokenizer = load_starting_model(model_args, training_args)
+    except (ValueError, OSError) as err:
+        raise InputError(str(err)) from err
     model_path = model_args.model_name_or_path
     default_output_dir(training_args, model_path, "dpo")
     base_card = read_model_card(model_path)
-    train_dataset, heldout = load_preference_dataset(script_args, seed=training_args.seed)
     trainer = make_trainer(model, tokenizer, train_dataset, heldout, training_args, peft_config_from(model_args))
 
     def policy():
@@ -290,8 +301,12 @@ def _card_rows(model_path, script_args, training_args, model_args, n_train, held
 
 
 def main(argv: list[str] | None = None) -> int:
-    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
-    run(script_args, training_args, model_args)
+    script_args, training_args, model_args = parse_command_line(make_parser(), argv)
+    try:
+        run(script_args, training_args, model_args)
+    except InputError as err:
+        print(f"iterative-llm dpo: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

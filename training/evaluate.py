@@ -8,6 +8,7 @@ and it compares with character-level figures on ASCII text (one byte per charact
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -63,30 +64,23 @@ def evaluate(
 def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int = 0, device=None) -> list[str]:
     """Continue each prompt, sampling with temperature 0.8 and top-k 50, seeded for repeatability.
 
-    Documents were trained with the boundary token first, so prompts get it too.
+    Documents were trained with the boundary token first, so prompts get it too. A prompt too long for
+    the model's context slides out of it from the start, as in `iterative-llm generate`; a note says so.
     """
+    from .generate import continue_ids
+
     was_training = model.training
     model.eval()
-    device = device or next(model.parameters()).device
     texts = []
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     for prompt in prompts:
         ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
-        room = model.config.max_position_embeddings - len(ids)
-        if room <= 0:
-            texts.append(prompt)
-            continue
-        output = model.generate(
-            torch.tensor([ids], device=device),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-            max_new_tokens=min(max_new_tokens, room),
-            do_sample=True,
-            temperature=0.8,
-            top_k=50,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        texts.append(prompt + tokenizer.decode(output[0, len(ids):], skip_special_tokens=True))
+        (new,), note = continue_ids(model, ids, max_new_tokens, device=device, do_sample=True, temperature=0.8,
+                                    top_k=50, pad_token_id=tokenizer.pad_token_id)
+        if note:
+            print(f"sample {prompt[:30]!r}...: {note}", file=sys.stderr)
+        texts.append(prompt + tokenizer.decode(new, skip_special_tokens=True))
     torch.random.set_rng_state(generator_state)
     model.train(was_training)
     return texts

@@ -37,22 +37,35 @@ def find_model_folder(path: str | Path) -> tuple[Path, Path]:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="iterative-llm generate", description=__doc__,
+def build_parser() -> argparse.ArgumentParser:
+    # Options are spelled with underscores, like train, sft, dpo and chat; the dashed spelling is an alias.
+    parser = argparse.ArgumentParser(prog="iterative-llm generate", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="run folder, checkpoint folder or model folder")
     parser.add_argument("prompt", nargs="?", default="", help="text to continue (default: start of a document)")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=100,
+                        help="tokens to generate (default 100); a long prompt slides out of the model's context "
+                             "to make room for them")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8); 0 = greedy")
+    parser.add_argument("--top_k", "--top-k", type=int, default=50,
+                        help="sample among the k most likely tokens (default 50)")
+    parser.add_argument("--num_samples", "--num-samples", type=int, default=1, help="texts to write (default 1)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for repeatable sampling")
     parser.add_argument("--cache", choices=["dynamic", "static"], default=None,
                         help="key/value cache: dynamic (default) or static (default with --compile)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (static cache)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.compile and args.cache == "dynamic":
         parser.error("--compile needs the static cache: drop --cache dynamic (or use --cache static)")
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        parser.error("--max_new_tokens and --num_samples must be at least 1")
+    if args.num_samples > 1 and args.temperature <= 0:
+        parser.error("--num_samples above 1 needs sampling: greedy decoding (--temperature 0) gives one text")
     cache = args.cache or ("static" if args.compile else "dynamic")
 
     from transformers import AutoModelForCausalLM
@@ -74,19 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
     # Documents were trained with the boundary token first, so a prompt starts with it too.
     ids = [tokenizer.bos_token_id] + tokenizer.encode(args.prompt, add_special_tokens=False)
-    room = model.config.max_position_embeddings - len(ids)
-    if room <= 0:
-        print(f"iterative-llm generate: the prompt is {len(ids)} tokens, longer than the model's context "
-              f"({model.config.max_position_embeddings}). Shorten it.", file=sys.stderr)
-        return 2
     greedy = args.temperature <= 0
-    cache_options = cache_settings(cache, args.compile, model.device)
     try:
-        output = model.generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=min(args.max_new_tokens, room), do_sample=not greedy,
+        rows, note = continue_ids(
+            model, ids, args.max_new_tokens, num_samples=args.num_samples, do_sample=not greedy,
             temperature=None if greedy else args.temperature, top_k=None if greedy else args.top_k,
-            num_return_sequences=args.num_samples, pad_token_id=tokenizer.pad_token_id, **cache_options,
+            pad_token_id=tokenizer.pad_token_id, **cache_settings(cache, args.compile, model.device),
         )
     except Exception as err:  # torch.compile fails in many ways (no C++ compiler, unsupported op, ...)
         if not args.compile:
@@ -95,11 +101,61 @@ def main(argv: list[str] | None = None) -> int:
         print(f"iterative-llm generate: --compile failed ({type(err).__name__}: {reason}). Run without --compile.",
               file=sys.stderr)
         return 1
-    for i, row in enumerate(output):
+    if note:
+        print(f"iterative-llm generate: note: {note}", file=sys.stderr)
+    for i, row in enumerate(rows):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
-        print(args.prompt + tokenizer.decode(row[len(ids):], skip_special_tokens=True))
+        print(args.prompt + tokenizer.decode(row, skip_special_tokens=True))
     return 0
+
+
+@torch.no_grad()
+def continue_ids(model, ids: list[int], max_new_tokens: int, *, num_samples: int = 1, device=None,
+                 **generate_kwargs) -> tuple[list[list[int]], str | None]:
+    """`max_new_tokens` new token ids after `ids`, for each of `num_samples` samples, however long the prompt.
+
+    The model sees at most `max_position_embeddings` tokens. When the prompt and the new tokens do not
+    fit together, the window slides, as it did over documents in training: the model sees the last tokens
+    of the prompt (and, past one context, of its own text). Fewer tokens come back only when the model
+    ends the text (its end-of-text token). Returns (new ids per sample, a note saying what was cut or None).
+    """
+    context = model.config.max_position_embeddings
+    generate_kwargs["device"] = device or model.device
+    if len(ids) + max_new_tokens <= context:
+        return _generate(model, ids, max_new_tokens, num_samples, generate_kwargs), None
+    if max_new_tokens < context:  # one pass that sees the end of the prompt
+        keep = context - max_new_tokens
+        note = (f"the prompt is {len(ids)} tokens and {max_new_tokens} new tokens were asked for, more than the "
+                f"model's context of {context} tokens: the model sees the last {keep} tokens of the prompt.")
+        return _generate(model, ids[-keep:], max_new_tokens, num_samples, generate_kwargs), note
+    # More new tokens than one context holds: generate in steps, each seeing the half context before it.
+    history = context // 2
+    stop = model.generation_config.eos_token_id
+    stop = set(stop if isinstance(stop, (list, tuple)) else [stop]) - {None}
+    rows = []
+    for _ in range(num_samples):
+        new: list[int] = []
+        while len(new) < max_new_tokens:
+            window = (ids + new)[-history:] if len(ids) + len(new) > history else ids + new
+            step = min(context - len(window), max_new_tokens - len(new))
+            got = _generate(model, window, step, 1, generate_kwargs)[0]
+            ended = next((i for i, token in enumerate(got) if token in stop), None)
+            new += got if ended is None else got[: ended + 1]
+            if ended is not None:
+                break
+        rows.append(new)
+    note = (f"{max_new_tokens} new tokens are more than the model's context of {context} tokens: they were "
+            f"generated in steps, each seeing the {history} tokens before it.")
+    return rows, note
+
+
+def _generate(model, ids: list[int], max_new_tokens: int, num_samples: int, generate_kwargs: dict) -> list[list[int]]:
+    kwargs = dict(generate_kwargs)
+    input_ids = torch.tensor([ids], device=kwargs.pop("device"))
+    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                            num_return_sequences=num_samples, **kwargs)
+    return output[:, len(ids):].tolist()
 
 
 def cache_settings(cache: str, compile: bool, device: torch.device) -> dict:

@@ -11,7 +11,7 @@ The shape of TRL's own `trl/scripts/sft.py`: dataclass arguments parsed by `TrlP
 - our chat template renders every conversation, and the loss covers the assistant replies and their
   closing `<|end|>` only (`assistant_only_loss`, through the template's {% generation %} markers);
 - packing on by default (padding-free: each packed sequence attends only to itself);
-- CPU-safe defaults: bf16 and gradient checkpointing only on a GPU, unless asked for;
+- CPU-safe defaults: bf16 and activation (gradient) checkpointing only on a GPU, unless asked for;
 - optional LoRA (`--use_peft`), merged into the saved weights;
 - evaluation before and after on held-out conversations: the loss on the replies, and the share of
   held-out prompts whose greedy reply ends its turn with `<|end|>`;
@@ -21,6 +21,7 @@ The shape of TRL's own `trl/scripts/sft.py`: dataclass arguments parsed by `TrlP
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -30,10 +31,12 @@ from trl import ModelConfig, SFTTrainer, TrlParser
 
 from training.alignment_data import (
     DataArguments,
+    InputError,
     default_output_dir,
     end_of_turn_ids,
     load_sft_dataset,
     load_starting_model,
+    parse_command_line,
     peft_config_from,
     read_model_card,
     resolve_device_defaults,
@@ -74,8 +77,13 @@ class SFTConfig(trl.SFTConfig):
 
     packing: bool = field(default=True, metadata={"help": "Pack conversations into max_length sequences."})
     assistant_only_loss: bool = field(default=True, metadata={"help": "Train on the assistant replies only."})
+    activation_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Recompute activations in backward to save memory (default: on a GPU only).",
+                                "nargs": "?", "const": True},
+    )
+    # TRL sets the deprecated alias to True; unset, it follows activation_checkpointing.
     gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Recompute activations in backward (default: on a GPU only)."}
+        default=None, metadata={"help": "Deprecated alias of --activation_checkpointing.", "nargs": "?", "const": True}
     )
 
     def __post_init__(self):
@@ -84,7 +92,7 @@ class SFTConfig(trl.SFTConfig):
 
 
 def make_parser() -> TrlParser:
-    return TrlParser((SFTScriptArguments, SFTConfig, ModelConfig), prog="iterative-llm sft")
+    return TrlParser((SFTScriptArguments, SFTConfig, ModelConfig), prog="iterative-llm sft", allow_abbrev=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,11 +186,14 @@ def make_trainer(model, tokenizer, train_dataset, heldout, training_args: SFTCon
 
 def run(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict:
     """Fine-tune, evaluate before and after, and write the chat model folder. Returns the figures."""
-    model, tokenizer = load_starting_model(model_args, training_args)
+    try:  # the data first: its mistakes show in seconds, before the model loads
+        train_dataset, heldout = load_sft_dataset(script_args, seed=training_args.seed)
+        model, tokenizer = load_starting_model(model_args, training_args)
+    except (ValueError, OSError) as err:
+        raise InputError(str(err)) from err
     model_path = model_args.model_name_or_path
     default_output_dir(training_args, model_path, "sft")
     base_card = read_model_card(model_path)
-    train_dataset, heldout = load_sft_dataset(script_args, seed=training_args.seed)
     trainer = make_trainer(model, tokenizer, train_dataset, heldout, training_args, peft_config_from(model_args))
 
     before = evaluate(trainer, tokenizer, heldout, script_args)
@@ -233,8 +244,12 @@ def _card_rows(model_path, script_args, training_args, model_args, n_train, held
 
 
 def main(argv: list[str] | None = None) -> int:
-    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
-    run(script_args, training_args, model_args)
+    script_args, training_args, model_args = parse_command_line(make_parser(), argv)
+    try:
+        run(script_args, training_args, model_args)
+    except InputError as err:
+        print(f"iterative-llm sft: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

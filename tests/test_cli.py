@@ -1,0 +1,152 @@
+"""The `iterative-llm` commands as a user meets them: one spelling of every option in every command
+(underscores, with the dashed spelling as an alias), usage errors instead of tracebacks, and `generate`
+giving the number of tokens asked for however long the prompt."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from iterative_llm.cli import STAGES
+from iterative_llm.cli import main as cli_main
+from tests.test_alignment_data import save_model_folder
+
+
+def _help(stage: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        cli_main([stage, "--help"])
+    return out.getvalue()
+
+
+def _option_lines(help_text: str) -> list[list[str]]:
+    """The long options of each line of an argparse help that lists an option (its left column)."""
+    lines = []
+    for line in help_text.splitlines():
+        match = re.match(r"^\s+(-.*?)(\s{2,}|$)", line)
+        if match:
+            lines.append(re.findall(r"--[A-Za-z][\w.-]*", match.group(1)))
+    return [names for names in lines if names]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_option_of_every_command_takes_underscores_and_dashes(stage):
+    options = [name for names in _option_lines(_help(stage)) for name in names]
+    assert options, f"no options found in `iterative-llm {stage} --help`"
+    spelled = set(options)
+    missing = sorted(
+        {name.replace("_", "-") for name in spelled if "_" in name} - spelled
+        | {"--" + name[2:].replace("-", "_") for name in spelled if "-" in name[2:]} - spelled
+    )
+    assert not missing, f"`iterative-llm {stage}` lacks these spellings: {missing}"
+    for names in _option_lines(_help(stage)):
+        two_word = [name for name in names if "_" in name or "-" in name[2:]]
+        if two_word:  # the canonical (first) spelling uses underscores, as train, sft, dpo and TRL do
+            assert "_" in two_word[0], f"`iterative-llm {stage}` lists {two_word[0]} before its underscore spelling"
+
+
+@pytest.fixture(scope="module")
+def small_context_folder(tmp_path_factory, tokenizer) -> Path:
+    return save_model_folder(tmp_path_factory.mktemp("gen") / "model", tokenizer, max_position_embeddings=64)
+
+
+def _generate(folder: Path, prompt: str, *options: str, capsys) -> tuple[int, str, str]:
+    code = cli_main(["generate", str(folder), prompt, "--temperature", "0", *options])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_generate_takes_both_spellings_of_its_options(small_context_folder, capsys):
+    runs = [_generate(small_context_folder, "The cat", option, "6", capsys=capsys)
+            for option in ("--max_new_tokens", "--max-new-tokens")]
+    assert runs[0][0] == 0 and runs[0] == runs[1]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["generate", str(small_context_folder), "The cat", "--max_new", "6"])  # abbreviations are refused
+    assert exit_info.value.code == 2 and "unrecognized arguments: --max_new" in capsys.readouterr().err
+
+
+def test_generate_slides_a_long_prompt_and_says_so(small_context_folder, tokenizer, capsys):
+    prompt = "The cat sees the river. " * 4
+    n_prompt = 1 + len(tokenizer.encode(prompt, add_special_tokens=False))  # with the boundary token
+    assert 40 < n_prompt < 64, n_prompt
+    code, out, err = _generate(small_context_folder, prompt, "--max_new_tokens", "30", capsys=capsys)
+    assert code == 0 and out.startswith(prompt)
+    assert (f"the prompt is {n_prompt} tokens and 30 new tokens were asked for, more than the model's context of "
+            f"64 tokens: the model sees the last 34 tokens of the prompt") in err
+    # A prompt and reply that fit say nothing.
+    assert _generate(small_context_folder, "The cat", "--max_new_tokens", "5", capsys=capsys)[2] == ""
+
+
+class _RecordingModel:
+    """Wraps a model's generate to record what each call was given."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def generate(self, input_ids, **kwargs):
+        self.calls.append((input_ids.shape[1], kwargs["max_new_tokens"]))
+        return self.model.generate(input_ids, **kwargs)
+
+
+@pytest.mark.parametrize("prompt_tokens, new_tokens", [(50, 30), (10, 150), (60, 100)])
+def test_continue_ids_gives_every_token_asked_for_within_the_context(model, prompt_tokens, new_tokens):
+    from training.generate import continue_ids
+
+    context = model.config.max_position_embeddings  # 64
+    recorder = _RecordingModel(model)
+    ids = torch.randint(6, model.config.vocab_size, (prompt_tokens,)).tolist()
+    torch.manual_seed(0)
+    rows, note = continue_ids(recorder, ids, new_tokens, num_samples=2, do_sample=True, pad_token_id=1,
+                              suppress_tokens=[0])  # no end-of-text, so nothing stops early
+    assert [len(row) for row in rows] == [new_tokens, new_tokens]
+    assert note is not None and str(context) in note
+    assert all(seen + asked <= context for seen, asked in recorder.calls), recorder.calls
+    # Greedy decoding of what fits in one pass matches a plain generate call on the prompt's end.
+    if new_tokens < context:
+        (greedy,), _ = continue_ids(model, ids, new_tokens, do_sample=False, pad_token_id=1, suppress_tokens=[0])
+        keep = torch.tensor([ids[-(context - new_tokens):]])
+        plain = model.generate(keep, attention_mask=torch.ones_like(keep), max_new_tokens=new_tokens,
+                               do_sample=False, pad_token_id=1, suppress_tokens=[0])
+        assert greedy == plain[0, keep.shape[1]:].tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# chat
+
+
+def test_chat_help_shows_the_model_folder_as_its_argument():
+    text = _help("chat")
+    assert text.startswith("usage: iterative-llm chat MODEL [options]")
+    assert "MODEL" in text.split("options:")[0] and "you>" in text
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["FOLDER", "hi"], "unexpected argument 'hi': chat takes the model folder only, and reads your messages at "
+                           "its `you>` prompt"),
+        ([], "no model given: name the chat model folder"),
+        (["FOLDER", "--max_new_token", "5"], "unrecognized arguments: --max_new_token 5"),
+        (["FOLDER", "--model_name_or_path", "elsewhere"], "two models given"),
+    ],
+    ids=["a message", "no model", "a typo", "two models"],
+)
+def test_chat_usage_mistakes_get_a_usage_message(tmp_path, capsys, arguments, message):
+    arguments = [str(tmp_path) if a == "FOLDER" else a for a in arguments]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["chat", *arguments])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "usage: iterative-llm chat MODEL" in err and message in err
+
+
+def test_chat_names_a_missing_folder(tmp_path, capsys):
+    assert cli_main(["chat", str(tmp_path / "no-such-run")]) == 2
+    assert f"no folder {str(tmp_path / 'no-such-run')!r}" in capsys.readouterr().err
