@@ -62,12 +62,12 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def layout_data(folder: Path, work: Path) -> tuple[Path, Path]:
-    """Training files (symlinked) and one held-out validation file from a folder of .txt files."""
-    files = sorted(p for p in folder.rglob("*.txt") if p.is_file() and p.stat().st_size > 0)
-    if len(files) < 2:
-        raise SystemExit(f"--data {folder}: needs at least two non-empty .txt files (one is held out for validation), "
-                         f"found {len(files)}.")
+def text_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*.txt") if p.is_file() and p.stat().st_size > 0)
+
+
+def layout_data(files: list[Path], work: Path) -> tuple[Path, Path]:
+    """Training files (symlinked) and one held-out validation file, the last in sorted order."""
     train_dir = work / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
     for i, path in enumerate(files[:-1]):
@@ -296,6 +296,10 @@ def main(argv=None) -> int:
     data = Path(args.data)
     if not data.is_dir():
         parser.error(f"--data {data}: not a folder of .txt files")
+    files = text_files(data)
+    if len(files) < 2:
+        parser.error(f"--data {data}: needs at least two non-empty .txt files (one is held out for validation), "
+                     f"found {len(files)}")
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="gpu_check-"))
     if work.exists() and any(work.iterdir()):
         parser.error(f"--out {work} is not empty: give a new folder (runs are never overwritten)")
@@ -315,7 +319,7 @@ def main(argv=None) -> int:
     def phase(title: str) -> None:
         say(f"\n== {title} ({time.perf_counter() - began:.0f} s in)")
 
-    train_dir, val_file = layout_data(data, work)
+    train_dir, val_file = layout_data(files, work)
 
     phase("1. gradients: compiled vs eager, bf16 autocast, tiny model")
     report["gradients"] = gradient_check(device, plan["gradients"])
