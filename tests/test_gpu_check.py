@@ -44,9 +44,13 @@ def test_gpu_check_refuses_a_folder_without_text_and_a_used_out_folder(tmp_path)
     result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--data", str(empty), "--small"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "at least two non-empty .txt files" in result.stdout + result.stderr
+    books = tmp_path / "books"
+    books.mkdir()
+    for i in range(2):
+        (books / f"{i}.txt").write_text("Some text. " * 50)
     used = tmp_path / "used"
     used.mkdir()
     (used / "x").write_text("keep me")
-    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--data", str(empty), "--out", str(used)],
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--data", str(books), "--out", str(used)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "not empty" in result.stderr and (used / "x").read_text() == "keep me"
