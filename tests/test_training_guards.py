@@ -81,3 +81,32 @@ def test_a_time_budget_is_training_time_with_compilation_before_the_clock(tmp_pa
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [row for row in rows if row["kind"] == "train"]
     assert summary["steps"] > 5 and train_rows[-1]["lr"] < 0.5
+
+
+def test_validation_attends_within_documents_when_training_does(tmp_path, text_dir):  # noqa: F811
+    """With document_masking, training's batches restart positions at every document (so attention
+    stays inside it); validation must score the same way, or its loss measures another model."""
+    from training.data import ShardedDataset, iter_eval_batches
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    summary = train(build_config(settings(text_dir, run, max_steps=30, eval_every=0, document_masking=True,
+                                          eval_tokens=None, lr_matrix=0.05)))
+    model = AutoModelForCausalLM.from_pretrained(run).eval()
+    val = ShardedDataset.open(run / "data").split("val")
+    nats, across, count, restarts = 0.0, 0.0, 0, 0
+    with torch.no_grad():
+        for batch in iter_eval_batches(val, 4, 32, document_positions=True):
+            restarts += int((batch["position_ids"][:, 1:] == 0).sum())
+            for positions, sink in ((batch["position_ids"], "within"), (None, "across")):
+                logits = model(input_ids=batch["input_ids"], position_ids=positions, use_cache=False).logits
+                loss = float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
+                                                               reduction="sum"))
+                if sink == "within":
+                    nats += loss
+                else:
+                    across += loss
+            count += batch["labels"].numel()
+    assert restarts > 0  # the windows do cross documents
+    assert abs(across - nats) / count > 1e-3  # so scoring with or without the positions differs
+    assert abs(summary["final_val_loss"] - nats / count) < 1e-4

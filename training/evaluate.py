@@ -29,22 +29,28 @@ def evaluate(
     autocast=None,
     rank: int = 0,
     world_size: int = 1,
+    document_positions: bool = False,
 ) -> dict[str, float]:
     """Mean validation loss (nats per token) and bits per byte over the first `max_tokens` tokens.
 
     byte_lengths[i] is the number of UTF-8 bytes token i decodes to (0 for special tokens).
     Bits per byte counts only targets that are text (bytes > 0), as nanochat does: a special
     token carries no bytes, so it cannot be priced per byte. Sums are all-reduced across processes.
+    `document_positions`: the windows carry position ids that restart at each document, as
+    training's batches do with `document_masking`, so validation attends within documents as
+    training did.
     """
     was_training = model.training
     model.eval()
     byte_lengths = byte_lengths.to(device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, tokens, text nats, text bytes
-    for batch in iter_eval_batches(split, batch_size, seq_len, max_tokens=max_tokens, rank=rank, world_size=world_size):
+    for batch in iter_eval_batches(split, batch_size, seq_len, max_tokens=max_tokens, rank=rank, world_size=world_size,
+                                   document_positions=document_positions):
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
+        positions = {"position_ids": batch["position_ids"].to(device)} if "position_ids" in batch else {}
         with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
-            logits = model(input_ids=input_ids, use_cache=False).logits
+            logits = model(input_ids=input_ids, use_cache=False, **positions).logits
         nats = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
         nbytes = byte_lengths[labels.flatten()]
         is_text = nbytes > 0

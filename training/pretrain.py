@@ -207,7 +207,7 @@ def train(config: TrainConfig, model_factory=None) -> dict:
             result = evaluate(
                 raw_model, val_split, byte_lengths, batch_size=config.batch_size, seq_len=config.seq_len,
                 max_tokens=config.eval_tokens, device=device, autocast=accelerator.autocast, rank=rank,
-                world_size=world_size,
+                world_size=world_size, document_positions=config.document_masking,
             )
             result.update(hellaswag_in_run(config, raw_model, tokenizer, state["step"], final=progress_fraction() >= 1.0,
                                            autocast=accelerator.autocast, rank=rank, world_size=world_size))
