@@ -68,19 +68,19 @@ def test_a_time_budget_is_training_time_with_compilation_before_the_clock(tmp_pa
     budget = 20.0
     start = time.perf_counter()
     summary = train(build_config(settings(text_dir, tmp_path / "run", compile=True, max_steps=None, max_time=budget,
-                                          eval_every=0, log_every=10)))
+                                          eval_every=0, log_every=1)))
     wall = time.perf_counter() - start
     assert summary["compile_seconds"] > 0.5
-    # The budget ends at the first step past it (a step takes well under a second on a quiet machine,
-    # a few on a busy one).
-    step_seconds = summary["time"] / summary["steps"]
-    assert budget <= summary["time"] < budget + max(3.0, 3 * step_seconds)
     assert wall > summary["time"] + summary["compile_seconds"]  # compilation happened, off the clock
-    # The schedule ran its course in those 20 s: the last step is deep in the cool-down (with the
-    # compilation on the clock, the budget would be gone after the first step, at the full rate).
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [row for row in rows if row["kind"] == "train"]
-    assert summary["steps"] > 5 and train_rows[-1]["lr"] < 0.5
+    times = [0.0] + [row["time"] for row in train_rows]
+    longest_step = max(b - a for a, b in zip(times, times[1:]))
+    # The budget ends with the first step past it, however busy the machine.
+    assert budget <= summary["time"] <= budget + longest_step + 0.1
+    # The schedule ran its course inside those 20 s of training: full rate first, then the cool-down.
+    lrs = [row["lr"] for row in train_rows]
+    assert len(lrs) >= 3 and lrs[0] == 1.0 and lrs[-1] < 1.0 and lrs == sorted(lrs, reverse=True)
 
 
 def test_validation_attends_within_documents_when_training_does(tmp_path, text_dir):  # noqa: F811
