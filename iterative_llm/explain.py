@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .tokenization import token_bytes
+
 # How much of a long sentence the printed vectors and matrices show, and how many tokens the token
 # tables list (the pictures always show everything).
 MAX_PRINTED_TOKENS = 10
@@ -50,22 +52,6 @@ class ExplainError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Tokens and their bytes
 # ---------------------------------------------------------------------------------------------
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """The byte-level BPE alphabet (GPT-2's): each byte 0..255 is shown as one printable character.
-
-    Printable Latin-1 bytes stand for themselves; the other 68 (control characters, space, ...)
-    are moved to code points 256 and up, in byte order. Returns character -> byte.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    table = {chr(b): b for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            table[chr(256 + extra)] = b
-            extra += 1
-    return table
 
 
 @dataclass
@@ -84,21 +70,11 @@ class Token:
 
 
 def tokens_of(tokenizer, ids: list[int]) -> list[Token]:
-    """A Token (bytes and text) for each id. A byte-level vocabulary stores each byte as one printable
-    character, which is mapped back; any other vocabulary falls back to what the tokenizer decodes."""
-    alphabet = _byte_level_alphabet()
+    """A Token (bytes and text) for each id; the bytes come from `tokenization.token_bytes`."""
     special_ids = set(tokenizer.all_special_ids)
-    decoder = str(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", ""))
-    byte_level = "ByteLevel" in decoder
     tokens = []
-    for index, (token_id, piece) in enumerate(zip(ids, tokenizer.convert_ids_to_tokens(ids))):
+    for index, (token_id, raw) in enumerate(zip(ids, token_bytes(tokenizer, ids))):
         special = token_id in special_ids
-        if special:
-            raw = piece.encode("utf-8")
-        elif byte_level and piece is not None and all(ch in alphabet for ch in piece):
-            raw = bytes(alphabet[ch] for ch in piece)
-        else:
-            raw = tokenizer.decode([token_id]).encode("utf-8")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:

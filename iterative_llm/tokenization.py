@@ -205,3 +205,40 @@ def check_tokenizer_matches_model(tokenizer: Any, config: Any) -> None:
 def has_chat_template(tokenizer: Any) -> bool:
     """True if `tokenizer` can render conversations with `apply_chat_template`."""
     return bool(getattr(tokenizer, "chat_template", None))
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's): each byte 0..255 is shown as one printable character.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (control characters, space, ...)
+    are moved to code points 256 and up, in byte order. Returns character -> byte.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def token_bytes(tokenizer: Any, ids: list[int]) -> list[bytes]:
+    """The UTF-8 bytes each token id stands for (a token may hold only part of a character).
+
+    A byte-level vocabulary stores each byte as one printable character, which is mapped back; a
+    special token stands for its own text; any other vocabulary falls back to what the tokenizer decodes.
+    """
+    alphabet = byte_level_alphabet()
+    special_ids = set(tokenizer.all_special_ids)
+    decoder = str(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", ""))
+    byte_level = "ByteLevel" in decoder
+    raws = []
+    for token_id, piece in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
+        if token_id in special_ids:
+            raws.append(piece.encode("utf-8"))
+        elif byte_level and piece is not None and all(ch in alphabet for ch in piece):
+            raws.append(bytes(alphabet[ch] for ch in piece))
+        else:
+            raws.append(tokenizer.decode([token_id]).encode("utf-8"))
+    return raws

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 from jinja2.exceptions import TemplateError
+from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer
 
 from iterative_llm.tokenization import (
@@ -21,9 +22,11 @@ from iterative_llm.tokenization import (
     SPECIAL_TOKENS,
     SYSTEM,
     USER,
+    byte_level_alphabet,
     check_tokenizer_matches_model,
     has_chat_template,
     load_tokenizer,
+    token_bytes,
     train_tokenizer,
 )
 
@@ -153,6 +156,20 @@ def test_round_trip_is_exact(tok, text):
 def test_round_trip_of_whole_corpus(tok, corpus):
     text = "".join(corpus)
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+
+
+def test_byte_alphabet_is_the_one_the_tokenizer_uses():
+    alphabet = byte_level_alphabet()
+    assert set(alphabet) == set(pre_tokenizers.ByteLevel.alphabet())
+    assert sorted(alphabet.values()) == list(range(256))
+
+
+@pytest.mark.parametrize("text", TRICKY, ids=repr)
+def test_token_bytes_add_up_to_the_texts_bytes(tok, text):
+    ids = tok.encode(text, add_special_tokens=False)
+    assert b"".join(token_bytes(tok, ids)) == text.encode("utf-8")
+    # A special token stands for its own text.
+    assert token_bytes(tok, [tok.convert_tokens_to_ids(END_OF_TURN)]) == [END_OF_TURN.encode("utf-8")]
 
 
 # --- save and reload --------------------------------------------------------------------------
