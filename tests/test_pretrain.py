@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from training.data import RandomWindowBatches, ShardedDataset, token_byte_length
 from training.evaluate import evaluate, flops_per_token
 from training.pretrain import TrainingError, train
 
-from .conftest import tiny_config, tiny_model
+from .conftest import process_alive, run_process_tree, tiny_config, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,14 +141,30 @@ def test_two_data_parallel_processes_match_one_process(tmp_path, text_dir):
     config.write_text(yaml.safe_dump(settings(text_dir, tmp_path / "ddp", batch_size=2, data_cache=str(single / "data"),
                                               **gentle)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
+    # Well inside CI's limit; on a timeout the launcher and both workers are killed, none outlives the test.
+    result = run_process_tree(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
          "-m", "training.pretrain", "--config", str(config)],
-        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+        timeout=240, env=env, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["processes"] == 2
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "ddp")), torch.tensor(losses(single)), rtol=1e-4, atol=1e-4)
+
+
+def test_a_command_past_its_timeout_is_killed_with_all_its_processes(tmp_path):
+    """What the data-parallel test relies on: a hung torchrun takes its workers down with it."""
+    pid_file = tmp_path / "child.pid"
+    parent = (f"import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(600)']); open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(600)")
+    with pytest.raises(pytest.fail.Exception, match=r"did not finish within 3 s; it was killed with all its processes"):
+        run_process_tree([sys.executable, "-c", parent], timeout=3)
+    child = int(pid_file.read_text())
+    for _ in range(50):  # SIGKILL is delivered at once; the process table may lag a moment
+        if not process_alive(child):
+            break
+        time.sleep(0.1)
+    assert not process_alive(child)
 
 
 # ---------------------------------------------------------------- checkpoints under failure
@@ -190,7 +207,6 @@ KILL_LOOP = textwrap.dedent(
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_breaks_the_latest_checkpoint(tmp_path):
     import random
-    import time
 
     rng = random.Random(0)
     for attempt in range(3):

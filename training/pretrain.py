@@ -45,18 +45,43 @@ class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to do."""
 
 
+# The process group of a data-parallel run is never freed in Python. Freeing it (when the DDP model
+# that holds it goes) joins gloo's worker threads, and one of them may still be waiting for the GIL,
+# which the freeing thread holds, to drop a tensor of the last collective: a deadlock, seen in about
+# one run in ten under load (issue 11; stacks in ~ProcessGroupGloo and TensorImpl::decref_pyobject).
+# So train() keeps the DDP model here, and main() ends such a process with os._exit once all is written.
+_KEEP_UNTIL_EXIT: list = []
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_args(argv)
     except (ValueError, FileNotFoundError) as err:
         print(f"iterative-llm train: {err}", file=sys.stderr)
         return 2
+    code = 1
     try:
         train(config)
+        code = 0
     except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"iterative-llm train: {err}", file=sys.stderr)
-        return 1
-    return 0
+    except BaseException:
+        if not _several_processes():
+            raise
+        import traceback
+
+        traceback.print_exc()  # the launcher stops the other processes when this one fails
+    finally:
+        if _several_processes():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)  # no interpreter teardown: see _KEEP_UNTIL_EXIT
+    return code
+
+
+def _several_processes() -> bool:
+    """Launched by torchrun or `accelerate launch` as one of several processes."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def train(config: TrainConfig, model_factory=None) -> dict:
@@ -166,6 +191,8 @@ def train(config: TrainConfig, model_factory=None) -> dict:
     accelerator.wait_for_everyone()
 
     model = accelerator.prepare(raw_model)
+    if world_size > 1:
+        _KEEP_UNTIL_EXIT.append(model)  # its DDP reducer holds the process group
     if config.compile:
         model = torch.compile(model)
     # The global batch of a step is `accumulation x world_size` slices of `batch_size` rows, drawn
@@ -333,8 +360,8 @@ def train(config: TrainConfig, model_factory=None) -> dict:
             signal.signal(sig, handler)
 
     if stopped_by is not None:
-        say(f"Stopped by {stopped_by} at step {state['step']}. Continue with: iterative-llm train ... --out {out} --resume")
-        accelerator.end_training()
+        say(f"Stopped by {stopped_by} at step {state['step']}. Continue with: iterative-llm train --out {out} --resume")
+        _finish(accelerator)
         return {"stopped": True, **state}
 
     # ------------------------------------------------------------------ final evaluation and export
@@ -353,9 +380,15 @@ def train(config: TrainConfig, model_factory=None) -> dict:
     if main_process:
         export_model_folder(out, raw_model, tokenizer, summary)
         say(f"model folder: {out} (load it with AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    _finish(accelerator)
+    return summary
+
+
+def _finish(accelerator) -> None:
+    """The end of a run, in order on every process: all meet, the trackers close, the process group goes
+    (accelerate's end_training calls torch.distributed.destroy_process_group)."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return summary
 
 
 # ---------------------------------------------------------------------- helpers of the steps above
