@@ -712,15 +712,24 @@ def _remove_outputs(out: Path, manifest: dict) -> None:
     (out / MANIFEST).unlink(missing_ok=True)
 
 
+class ShardSettingsError(ValueError):
+    """A shard folder holds shards made from another source or with other settings."""
+
+    def __init__(self, message: str, out: Path, manifest: dict, differences: list[str]):
+        super().__init__(message)
+        self.out, self.manifest, self.differences = out, manifest, differences
+
+
 def _check_same_settings(out: Path, manifest: dict, settings: dict) -> None:
     old = manifest.get("settings", {})
     differences = [f"{key}: {old.get(key)!r} there, {settings[key]!r} now"
                    for key in settings if old.get(key) != settings[key]]
     if differences:
-        raise ValueError(
+        raise ShardSettingsError(
             f"{out} already holds shards prepared with different settings ("
             + "; ".join(differences)
-            + f"). Pick another out_dir, or delete {out} to prepare it again."
+            + f"). Pick another out_dir, or delete {out} to prepare it again.",
+            out, manifest, differences,
         )
 
 
