@@ -4,7 +4,11 @@
 the dataclass defaults, the preset's YAML (`training/presets/tiny.yaml`), an optional
 `--config my.yaml`, then the command line. Model fields go under `model:` in YAML and
 `--model.FIELD VALUE` on the command line; they override the model size preset named by
-`model_preset`. Unknown fields are errors, never silently ignored.
+`model_preset`. Unknown fields are errors, never silently ignored, and options are never abbreviated.
+
+`--resume` starts instead from the run's own settings (`OUT/run_config.yaml`): only the settings in
+RESUME_MAY_CHANGE may differ there, since any other would change the data order or the model.
+Each field's `--help` line lives beside it, in `setting(default, help)`.
 """
 
 from __future__ import annotations
