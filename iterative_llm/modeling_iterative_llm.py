@@ -421,8 +421,12 @@ class _SoftcappedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, cap, chunk_rows, ignore_index):
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+        # Which gradients to form comes from `ctx.needs_input_grad`, never from `tensor.requires_grad`:
+        # under torch.compile the inputs seen here can be detached copies (requires_grad False), and
+        # reading it gave exactly zero gradients on CUDA (pytorch issues 159299, 129963, 160901).
+        needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight else None
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             h, t = hidden[rows], targets[rows]
@@ -489,15 +493,33 @@ def softcapped_linear_cross_entropy(
     **kwargs,
 ) -> torch.Tensor:
     """The causal-LM loss of transformers' `ForCausalLMLoss` (same shift, -100, mean or sum over
-    `num_items_in_batch`), computed from the hidden states without materialising the logits."""
+    `num_items_in_batch`), from the hidden states, without keeping the (N, V) logits when eager.
+
+    Two implementations of one function, chosen by whether torch.compile is tracing:
+    - eager: `_SoftcappedLinearCrossEntropy`, chunk by chunk (fast and small on CPU, where it was
+      measured; see its docstring);
+    - compiled: the plain formula, logits -> soft-cap -> cross-entropy, which inductor fuses into a
+      few kernels around the one matrix product (how modded-nanogpt and nanochat compute their
+      loss under compile). A custom autograd.Function that forms gradients in its forward is the
+      pattern dynamo gets wrong (it gave zero gradients on CUDA under bf16 autocast, issue 14), and
+      its chunk loop would be unrolled into hundreds of small kernels; so it is never traced.
+    Both give the same loss and gradients (tests/test_model.py checks eager and compiled against the
+    plain path under bf16 autocast).
+    """
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     targets = shift_labels.reshape(-1).to(hidden.device)
-    # About 4 MB of float32 logits per chunk on CPU (fits in cache, measured fastest), 64 MB on an accelerator.
-    elements = 2**20 if hidden.device.type == "cpu" else 2**24
-    chunk_rows = max(64, elements // weight.shape[0])
-    loss_sum = _SoftcappedLinearCrossEntropy.apply(hidden, weight, targets, cap, chunk_rows, ignore_index)
+    if torch.compiler.is_compiling():
+        logits = (hidden @ weight.t()).float()  # a bf16 product under autocast, then float32
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        loss_sum = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    else:
+        # About 4 MB of float32 logits per chunk on CPU (fits in cache, measured fastest), 64 MB on an accelerator.
+        elements = 2**20 if hidden.device.type == "cpu" else 2**24
+        chunk_rows = max(64, elements // weight.shape[0])
+        loss_sum = _SoftcappedLinearCrossEntropy.apply(hidden, weight, targets, cap, chunk_rows, ignore_index)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss_sum.device)
@@ -557,7 +579,7 @@ class IterativeLLMForCausalLM(IterativeLLMPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         cap = self.config.final_logit_softcapping
         if skip_logits:
-            loss = softcapped_linear_cross_entropy(hidden_states, self.lm_head.weight, labels, cap, **kwargs)
+            loss = self.loss_from_hidden_states(hidden_states, labels, **kwargs)
             return CausalLMOutputWithPast(
                 loss=loss, logits=None, cache=outputs.cache,
                 hidden_states=outputs.hidden_states, attentions=outputs.attentions,
@@ -583,6 +605,17 @@ class IterativeLLMForCausalLM(IterativeLLMPreTrainedModel, GenerationMixin):
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+        )
+
+
+    def loss_from_hidden_states(self, hidden_states: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The head and the causal-LM loss from the last hidden states (B, T, C), without the logits.
+
+        A method of its own so training can compile it apart from the blocks (training/pretrain.py
+        `compile_model`); kwargs carry `shift_labels` and `num_items_in_batch`.
+        """
+        return softcapped_linear_cross_entropy(
+            hidden_states, self.lm_head.weight, labels, self.config.final_logit_softcapping, **kwargs
         )
 
 

@@ -83,10 +83,12 @@ class TrainConfig:
     final_lr_ratio: float = setting(0.0, "the learning rate at the end, as a share of the peak")
     muon_momentum_warmup_steps: int = setting(300, "steps over which Muon's momentum rises to its final value")
     grad_clip: float = setting(1.0, "clip the gradient norm to this; 0 turns clipping off")
+    stop_if_not_learning: bool = setting(True, "stop when the loss has not fallen after the first 2% of the run (>= 20 steps)")
 
     # -- speed
     precision: str = setting("auto", "auto (bf16 where a GPU supports it, else fp32), bf16 or fp32")
-    compile: bool = setting(False, "torch.compile the model")
+    compile: bool = setting(False, "torch.compile each block and the loss, before the clock starts")
+    compile_check: bool = setting(True, "with --compile: stop if the compiled gradients differ from the eager ones")
     activation_checkpointing: bool = setting(False, "recompute activations in the backward pass to save memory")
     dataloader_pin_memory: bool = setting(True, "pin batches in page-locked memory for faster GPU copies")
 
@@ -118,7 +120,7 @@ SECTIONS = (
 RESUME_MAY_CHANGE = (
     "out", "resume", "max_steps", "max_tokens", "max_time", "eval_every", "eval_tokens", "sample_every",
     "sample_prompts", "sample_tokens", "log_every", "checkpoint_every", "keep_checkpoints", "report_to",
-    "progress", "dataloader_pin_memory",
+    "progress", "dataloader_pin_memory", "compile", "compile_check", "activation_checkpointing", "stop_if_not_learning",
 )
 
 
@@ -250,7 +252,8 @@ def _build_parser(defaults: dict[str, Any], preset: str) -> argparse.ArgumentPar
         # A boolean given alone (`--resume`) means true; `--resume false` also works.
         kwargs = dict(dest=f.name, default=None, metavar=_metavar(f), nargs="?" if boolean else None,
                       const="true" if boolean else None)
-        group.add_argument("--" + f.name, help=f"{f.metadata['help']} (default: {_shown(defaults[f.name])})", **kwargs)
+        text = f"{f.metadata['help']} (default: {_shown(defaults[f.name])})".replace("%", "%%")  # argparse formats help
+        group.add_argument("--" + f.name, help=text, **kwargs)
         if "_" in f.name:  # --max-steps works as well as --max_steps; listed once
             group.add_argument("--" + f.name.replace("_", "-"), help=argparse.SUPPRESS, **kwargs)
     return parser

@@ -1,0 +1,83 @@
+"""What must fail loudly rather than cost a user hours: a run that learns nothing, compiled
+gradients that are not the eager ones, and a time budget eaten by compilation (issue 14)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from training import pretrain
+from training.config import build_config
+from training.pretrain import TrainingError, train
+
+from .test_pretrain import settings, text_dir  # noqa: F401  (text_dir is a fixture)
+from .test_speed import skip_unless_compile_works
+
+
+def test_a_run_that_learns_nothing_stops_with_the_likely_causes(tmp_path, text_dir):  # noqa: F811
+    run = tmp_path / "run"
+    config = build_config(settings(text_dir, run, max_steps=1000, eval_every=0, lr_matrix=0.0, lr_embed=0.0,
+                                   lr_head=0.0, lr_scalar=0.0, log_every=5))
+    with pytest.raises(TrainingError) as error:
+        train(config)
+    message = str(error.value)
+    assert "not learning" in message and "after 20 steps" in message
+    for cause in ("--compile false", "--precision fp32", "--lr_matrix 0.0", "--stop_if_not_learning false"):
+        assert cause in message
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(row["step"] for row in rows) == 20  # stopped at the check, not after 1000 steps
+
+
+def test_the_learning_check_lets_a_learning_run_through_and_can_be_turned_off(tmp_path, text_dir):  # noqa: F811
+    summary = train(build_config(settings(text_dir, tmp_path / "learns", max_steps=24, eval_every=0, lr_matrix=0.05)))
+    assert summary["steps"] == 24
+    summary = train(build_config(settings(text_dir, tmp_path / "off", max_steps=24, eval_every=0, lr_matrix=0.0,
+                                          lr_embed=0.0, lr_head=0.0, lr_scalar=0.0, stop_if_not_learning=False)))
+    assert summary["steps"] == 24
+
+
+def _detaching_backend(graph_module, example_inputs):
+    """A compiler that gets the forward right and drops the gradients: the failure seen on an H100."""
+    def run(*args):
+        outputs = graph_module(*args)
+        return type(outputs)(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs)
+    return run
+
+
+@pytest.mark.slow
+def test_compiled_gradients_that_differ_from_eager_stop_the_run_before_training(tmp_path, text_dir, monkeypatch):  # noqa: F811
+    def broken_compile(model):
+        for layer in model.model.layers:
+            layer.compile(backend=_detaching_backend)
+        return model
+
+    monkeypatch.setattr(pretrain, "compile_model", broken_compile)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match="--compile false"):
+        train(build_config(settings(text_dir, run, compile=True)))
+    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip()
+
+
+@pytest.mark.slow
+def test_a_time_budget_is_training_time_with_compilation_before_the_clock(tmp_path, text_dir):  # noqa: F811
+    skip_unless_compile_works()
+    torch.compiler.reset()
+    budget = 20.0
+    start = time.perf_counter()
+    summary = train(build_config(settings(text_dir, tmp_path / "run", compile=True, max_steps=None, max_time=budget,
+                                          eval_every=0, log_every=10)))
+    wall = time.perf_counter() - start
+    assert summary["compile_seconds"] > 0.5
+    # The budget ends at the first step past it (a step takes well under a second on a quiet machine,
+    # a few on a busy one).
+    step_seconds = summary["time"] / summary["steps"]
+    assert budget <= summary["time"] < budget + max(3.0, 3 * step_seconds)
+    assert wall > summary["time"] + summary["compile_seconds"]  # compilation happened, off the clock
+    # The schedule ran its course in those 20 s: the last step is deep in the cool-down (with the
+    # compilation on the clock, the budget would be gone after the first step, at the full rate).
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [row for row in rows if row["kind"] == "train"]
+    assert summary["steps"] > 5 and train_rows[-1]["lr"] < 0.5
