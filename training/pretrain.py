@@ -397,6 +397,7 @@ def train(config: TrainConfig, model_factory=None) -> dict:
         "train_tokens_available": train_split.num_tokens, "val_tokens": val_split.num_tokens,
         "processes": world_size, "precision": precision, "hardware": _hardware(device, world_size),
         "compile": config.compile, "compile_seconds": round(compile_seconds, 3),
+        "first_loss": learning.first_loss if learning is not None else None,
     }
     if main_process:
         export_model_folder(out, raw_model, tokenizer, summary)
