@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 
 import pytest
 import torch
@@ -63,3 +65,38 @@ def tokenizer(corpus):
     from iterative_llm.tokenization import train_tokenizer
 
     return train_tokenizer(corpus, vocab_size=300)
+
+
+def run_process_tree(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run in a session of its own: on timeout the whole tree is killed (torchrun's workers
+    too, which a plain `run(timeout=...)` leaves behind) and the test fails saying so."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, **kwargs)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(command)} did not finish within {timeout:.0f} s; it was killed with all its "
+                    f"processes. Its last output:\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # whatever the command left running
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting to be reaped does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True

@@ -462,9 +462,33 @@ def test_too_short_split_is_rejected(prepared):
         iter_eval_batches(val, 2, val.num_tokens)
 
 
-def test_single_document_cannot_be_split(tokenizer, tmp_path):
-    path = tmp_path / "book.txt"
-    path.write_text("One long book that is a single document.\n" * 50)
+def test_a_few_books_hold_out_the_end_of_each(tokenizer, tmp_path, capsys):
+    """A folder of three long .txt files: too few documents to split by document, so the end of
+    each (at a paragraph break) is validation, and the rest of it training. Nothing is lost or doubled."""
+    books = tmp_path / "books"
+    books.mkdir()
+    texts = {}
+    for b in range(3):
+        paragraphs = [f"Book {b}, chapter {i}. " + " ".join(DOCS[(b * 7 + i) % len(DOCS)].split()[:30])
+                      for i in range(60)]
+        texts[b] = "\n\n".join(paragraphs) + "\n"
+        (books / f"book{b}.txt").write_text(texts[b])
+    dataset = _prepare(books, tokenizer, tmp_path / "out", val_fraction=0.02)
+    assert "the last 2% of each document" in capsys.readouterr().err
+    train, val = dataset.split("train"), dataset.split("val")
+    assert train.num_documents == val.num_documents == 3
+    for b in range(3):
+        head, tail = train.decode_document(b, tokenizer), val.decode_document(b, tokenizer)
+        assert head + tail == texts[b] and head.endswith("\n\n") and tail.startswith(f"Book {b}, chapter")
+        assert 0.005 < len(tail) / len(texts[b]) < 0.05
+    # The same settings reuse the shards (the fallback is not a different setting).
+    again = _prepare(books, tokenizer, tmp_path / "out", val_fraction=0.02)
+    assert _shard_bytes(again) == _shard_bytes(dataset)
+
+
+def test_a_document_too_short_to_split_is_named(tokenizer, tmp_path):
+    path = tmp_path / "note.txt"
+    path.write_text("Hello.")
     with pytest.raises(ValueError, match="validation split came out empty.*--val_data.*--doc_separator"):
         _prepare(path, tokenizer, tmp_path / "out", val_fraction=0.02)
     assert not (tmp_path / "out" / data.MANIFEST).exists()  # nothing half-made is left to trip over

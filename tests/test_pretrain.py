@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from training.data import RandomWindowBatches, ShardedDataset, token_byte_length
 from training.evaluate import evaluate, flops_per_token
 from training.pretrain import TrainingError, train
 
-from .conftest import tiny_config, tiny_model
+from .conftest import process_alive, run_process_tree, tiny_config, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,14 +141,30 @@ def test_two_data_parallel_processes_match_one_process(tmp_path, text_dir):
     config.write_text(yaml.safe_dump(settings(text_dir, tmp_path / "ddp", batch_size=2, data_cache=str(single / "data"),
                                               **gentle)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
+    # Well inside CI's limit; on a timeout the launcher and both workers are killed, none outlives the test.
+    result = run_process_tree(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
          "-m", "training.pretrain", "--config", str(config)],
-        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+        timeout=240, env=env, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["processes"] == 2
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "ddp")), torch.tensor(losses(single)), rtol=1e-4, atol=1e-4)
+
+
+def test_a_command_past_its_timeout_is_killed_with_all_its_processes(tmp_path):
+    """What the data-parallel test relies on: a hung torchrun takes its workers down with it."""
+    pid_file = tmp_path / "child.pid"
+    parent = (f"import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(600)']); open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(600)")
+    with pytest.raises(pytest.fail.Exception, match=r"did not finish within 3 s; it was killed with all its processes"):
+        run_process_tree([sys.executable, "-c", parent], timeout=3)
+    child = int(pid_file.read_text())
+    for _ in range(50):  # SIGKILL is delivered at once; the process table may lag a moment
+        if not process_alive(child):
+            break
+        time.sleep(0.1)
+    assert not process_alive(child)
 
 
 # ---------------------------------------------------------------- checkpoints under failure
@@ -190,7 +207,6 @@ KILL_LOOP = textwrap.dedent(
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_breaks_the_latest_checkpoint(tmp_path):
     import random
-    import time
 
     rng = random.Random(0)
     for attempt in range(3):
@@ -308,3 +324,158 @@ def test_flops_per_token_matches_a_hand_count():
     per_layer = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 64 * 128 + 128 * 64  # q, k, v, o, up, down
     matmul_params = 2 * per_layer + 64 * 128  # + head
     assert flops_per_token(config, seq_len=32) == 6 * matmul_params + 12 * 2 * 4 * 16 * 32
+
+
+# ---------------------------------------------------------------- as a new user meets it: resume, typos, help
+
+
+def stop_at(monkeypatch, step: int) -> None:
+    """Send SIGINT while step `step` (1-based) reads its batch, as Ctrl-C would."""
+    original = RandomWindowBatches.batch_at
+
+    def interrupting(self, index):
+        if index == step - 1:
+            monkeypatch.setattr(RandomWindowBatches, "batch_at", original)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, index)
+
+    monkeypatch.setattr(RandomWindowBatches, "batch_at", interrupting)
+
+
+def test_resume_continues_with_the_runs_own_settings(tmp_path, text_dir, monkeypatch, capsys):
+    import yaml
+
+    from training.pretrain import main
+
+    run = tmp_path / "run"
+    values = settings(text_dir, run, max_steps=6, eval_every=0)
+    config_file = tmp_path / "mine.yaml"
+    config_file.write_text(yaml.safe_dump(values))
+    stop_at(monkeypatch, 3)
+    assert main(["--config", str(config_file)]) == 0
+    assert latest_checkpoint(run).name == "step_00000003"
+    saved = (run / "run_config.yaml").read_text()
+
+    # The README's command: only --out and --resume. The preset would say 250 steps of builtin data.
+    assert parse_args(["--out", str(run), "--resume"]).max_steps == 6
+    assert main(["--out", str(run), "--resume"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["data"] == str(text_dir)
+    assert yaml.safe_load((run / "run_config.yaml").read_text())["train"] == yaml.safe_load(saved)["train"]
+
+    # A longer budget may be given; it is recorded with the step it applies from.
+    assert parse_args(["--out", str(run), "--resume", "--max_steps", "9", "--log_every", "3"]).max_steps == 9
+    # Options that would change the data order or the model are refused, each named.
+    with pytest.raises(ValueError, match=r"would change its data order or its model: --seed 1 \(the run has 1337\); "
+                                         r"--model.hidden_size 48 \(the run has 32\)"):
+        parse_args(["--out", str(run), "--resume", "--seed", "1", "--model.hidden_size", "48"])
+    capsys.readouterr()
+    assert main(["--out", str(run), "--resume", "--batch_size", "2"]) == 2
+    assert "--batch_size 2 (the run has 4)" in capsys.readouterr().err
+
+
+def test_a_resume_that_extends_the_run_records_it(tmp_path, text_dir):
+    import yaml
+
+    from training.pretrain import main
+
+    run = tmp_path / "run"
+    train(build_config(settings(text_dir, run, max_steps=3, eval_every=0)))
+    assert main(["--out", str(run), "--resume", "--max_steps", "5"]) == 0
+    saved = yaml.safe_load((run / "run_config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 5 and saved["train"]["seed"] == 1337
+    assert saved["resumed"] == [{"step": 3, "changed": {"max_steps": 5}}]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 5
+
+
+def test_shards_of_other_data_are_never_advised_away(tmp_path, text_dir, corpus):
+    first = tmp_path / "first"
+    train(build_config(settings(text_dir, first, max_steps=1, eval_every=0)))
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(corpus))
+    with pytest.raises(TrainingError) as caught:
+        train(build_config(settings(other, tmp_path / "second", max_steps=1, data_cache=str(first / "data"))))
+    message = str(caught.value)
+    assert "delete" not in message.lower()
+    assert f"pass --data {text_dir}" in message and "a --data_cache folder of its own" in message
+
+
+def test_a_failed_start_leaves_no_run_folder(tmp_path, capsys):
+    from training.pretrain import main
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for data in (tmp_path / "missing.txt", empty):
+        run = tmp_path / f"run-{data.stem}"
+        assert main(["--data", str(data), "--out", str(run), "--report_to", "none", "--progress", "false"]) == 1
+        assert not run.exists()
+    assert "missing.txt" in capsys.readouterr().err
+    # A folder that was there before stays, and nothing is added to it.
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert main(["--data", str(empty), "--out", str(kept), "--report_to", "none", "--progress", "false"]) == 1
+    assert kept.is_dir() and not any(kept.iterdir())
+
+
+def test_unknown_names_are_errors_with_a_hint(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"Unknown model field 'num_hidden_layer'.*Did you mean 'num_hidden_layers'"):
+        parse_args(["--model.num_hidden_layer", "2"])
+    config_file = tmp_path / "typo.yaml"
+    config_file.write_text("model:\n  hiden_size: 64\n")
+    with pytest.raises(ValueError, match=rf"Unknown model field 'hiden_size' in {config_file}.*Did you mean 'hidden_size'"):
+        parse_args(["--config", str(config_file)])
+    with pytest.raises(ValueError, match="Unknown model field 'num_hidden_layer'"):
+        build_config({"model": {"num_hidden_layer": 2}})
+    with pytest.raises(SystemExit):
+        parse_args(["--max_step", "5"])  # no abbreviations
+    assert "unrecognized arguments: --max_step 5. Did you mean '--max_steps'?" in capsys.readouterr().err
+    assert parse_args(["--model.num_hidden_layers", "2", "--max-steps", "5"]).max_steps == 5
+
+
+def help_text(capsys, *argv: str) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        parse_args([*argv, "--help"])
+    return capsys.readouterr().out
+
+
+def test_help_describes_each_option_once_with_the_default_that_applies(capsys):
+    import dataclasses
+    import re
+
+    from training.config import SECTIONS, TrainConfig, load_preset
+
+    def entries(text: str) -> dict[str, str]:
+        """option -> its help, one entry per listed option."""
+        found = re.findall(r"^  (-[-\w.]+)(.*(?:\n {4,}.*)*)", text, re.M)
+        assert len({option for option, _ in found}) == len(found), "an option is listed twice"
+        return {option: " ".join(rest.split()) for option, rest in found}
+
+    text = help_text(capsys)
+    listed = entries(text)
+    for f in dataclasses.fields(TrainConfig):
+        option = "--model.FIELD" if f.name == "model" else f"--{f.name}"
+        squeezed = lambda text: re.sub(r"[\s-]", "", text)  # noqa: E731  (argparse wraps at hyphens too)
+        assert squeezed(f.metadata["help"]) in squeezed(listed.pop(option)), option
+        assert listed.get(f"--{f.name}".replace("_", "-")) is None  # the dashed alias works but is not listed
+    assert set(listed) == {"-h", "--preset", "--config"}
+    assert all(help.count("(default") == 1 for option, help in entries(text).items() if option not in ("-h", "--config"))
+    for title, _ in SECTIONS:
+        assert f"\n{title}:\n" in text
+    tiny, gpt2 = load_preset("tiny"), load_preset("gpt2-small")
+    assert entries(text)["--max_steps"].endswith(f"(default: {tiny['max_steps']})")
+    assert entries(help_text(capsys, "--preset", "gpt2-small"))["--data"].endswith(f"(default: {gpt2['data']})")
+
+
+def test_tensorboard_logs_go_where_the_readme_says(tmp_path, text_dir):
+    import re
+
+    run = tmp_path / "run"
+    train(build_config(settings(text_dir, run, max_steps=2, eval_every=0, report_to="tensorboard")))
+    assert list((run / "logs").glob("events.out.tfevents.*")) and not (run / "pretrain").exists()
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("writes one folder:", 1)[1].split("\n\n", 2)[1]
+    listed = [name for row in table.splitlines()[2:] for name in re.findall(r"`([^`]+)`", row.split("|")[1])]
+    assert "logs/" in listed
+    for name in listed:
+        assert (run / name.rstrip("/")).exists(), f"README lists {name}, which the run folder lacks"

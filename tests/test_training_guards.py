@@ -70,8 +70,10 @@ def test_a_time_budget_is_training_time_with_compilation_before_the_clock(tmp_pa
     summary = train(build_config(settings(text_dir, tmp_path / "run", compile=True, max_steps=None, max_time=budget,
                                           eval_every=0, log_every=1)))
     wall = time.perf_counter() - start
-    assert summary["compile_seconds"] > 0.5
-    assert wall > summary["time"] + summary["compile_seconds"]  # compilation happened, off the clock
+    # Compiling takes seconds from a cold start and under one with inductor's on-disk cache warm (a
+    # second run of the suite): either way it happened, and off the clock.
+    assert summary["compile_seconds"] > 0
+    assert wall > summary["time"] + summary["compile_seconds"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [row for row in rows if row["kind"] == "train"]
     times = [0.0] + [row["time"] for row in train_rows]

@@ -4,13 +4,20 @@
 the dataclass defaults, the preset's YAML (`training/presets/tiny.yaml`), an optional
 `--config my.yaml`, then the command line. Model fields go under `model:` in YAML and
 `--model.FIELD VALUE` on the command line; they override the model size preset named by
-`model_preset`. Unknown fields are errors, never silently ignored.
+`model_preset`. Unknown fields are errors, never silently ignored, and options are never abbreviated.
+
+`--resume` starts instead from the run's own settings (`OUT/run_config.yaml`): only the settings in
+RESUME_MAY_CHANGE may differ there, since any other would change the data order or the model.
+Each field's `--help` line lives beside it, in `setting(default, help)`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import difflib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,78 +27,105 @@ import yaml
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
+def setting(default: Any, help: str) -> Any:
+    """A TrainConfig field with its one-line description (shown by `iterative-llm train --help`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # -- where things go
-    out: str = "runs/tiny"  # the run folder: checkpoints, logs, metrics, and the final model
-    resume: bool = False  # continue from the run folder's latest checkpoint
-    seed: int = 1337
+    out: str = setting("runs/tiny", "the run folder: checkpoints, logs, metrics and the final model")
+    resume: bool = setting(False, "continue the run in --out from its latest checkpoint, with the run's own settings")
+    seed: int = setting(1337, "seed of the initial weights and of the data order")
 
     # -- model
-    model_preset: str = "tiny"  # a size from iterative_llm.PRESETS
-    model: dict[str, Any] = field(default_factory=dict)  # config fields that override the size preset
+    model_preset: str = setting("tiny", "a model size from iterative_llm.PRESETS")
+    model: dict[str, Any] = setting({}, "a model config field that overrides the size preset")
 
     # -- data
-    data: str = "builtin:python-docs"  # hub dataset name, local files/folders, or builtin:python-docs
-    text_column: str = "text"
-    doc_separator: str | None = None  # split .txt files into documents on this string
-    val_data: str | None = None  # a separate validation source (else a share of the documents)
-    val_fraction: float = 0.02
-    max_documents: int | None = None  # read at most this many documents (hub datasets are large)
-    data_cache: str | None = None  # token shards and tokenizer; default: OUT/data. Share it between runs.
-    tokenizer: str | None = None  # a tokenizer folder; default: train one on the data
-    tokenizer_train_chars: int = 50_000_000  # characters of the corpus the tokenizer is trained on
+    data: str = setting("builtin:python-docs", "hub dataset NAME[:CONFIG], local files or folders, or builtin:python-docs")
+    text_column: str = setting("text", "the column that holds the text in .jsonl, .json, .parquet and hub data")
+    doc_separator: str | None = setting(None, "split .txt files into documents on this string")
+    val_data: str | None = setting(None, "a separate validation source (else a share of the documents is held out)")
+    val_fraction: float = setting(0.02, "the share of the data held out for validation when --val_data is not given")
+    max_documents: int | None = setting(None, "read at most this many documents (hub datasets are large)")
+    data_cache: str | None = setting(None, "folder of the token shards and tokenizer, to share between runs; none = OUT/data")
+    tokenizer: str | None = setting(None, "a tokenizer folder; none = train a byte-level BPE on the data")
+    tokenizer_train_chars: int = setting(50_000_000, "characters of the corpus the tokenizer is trained on")
 
     # -- batch: `batch_size` sequences of `seq_len` tokens per process and micro-step; micro-steps
     #    are accumulated until `batch_tokens` tokens (all processes together) make one optimizer step.
-    seq_len: int = 256
-    batch_size: int = 32
-    batch_tokens: int = 8192
-    document_masking: bool = False  # attend only within a document (position ids restart at each boundary)
+    seq_len: int = setting(256, "tokens per training sequence")
+    batch_size: int = setting(32, "sequences per process and micro-step")
+    batch_tokens: int = setting(8192, "tokens per optimizer step, all processes together (micro-steps are accumulated)")
+    document_masking: bool = setting(False, "attend only within a document (position ids restart at each boundary)")
 
     # -- length: training stops at the first limit reached; the learning-rate schedule follows
     #    the fraction of that limit done, so a time budget gets a proper cool-down too.
-    max_steps: int | None = 1000
-    max_tokens: int | None = None
-    max_time: float | None = None  # seconds of training (evaluation excluded)
+    max_steps: int | None = setting(1000, "stop after this many optimizer steps")
+    max_tokens: int | None = setting(None, "stop after this many training tokens")
+    max_time: float | None = setting(None, "stop after this many seconds of training (evaluation excluded)")
 
     # -- optimisation
-    optimizer: str = "muon"  # "muon" (Muon for hidden matrices + AdamW) or "adamw" (the baseline)
-    lr_matrix: float = 0.02  # Muon
-    lr_embed: float = 0.3  # AdamW, token embedding
-    lr_head: float = 0.004  # AdamW, output head
-    lr_scalar: float = 0.04  # AdamW, norms and other vectors
-    adamw_lr: float = 6e-4  # the "adamw" baseline
-    weight_decay: float = 0.0
-    schedule: str = "wsd"  # "wsd" (warmup, stable, linear cool-down) or "cosine"
-    warmup_steps: int = 0
-    cooldown_fraction: float = 0.4
-    final_lr_ratio: float = 0.0
-    muon_momentum_warmup_steps: int = 300
-    grad_clip: float = 1.0  # 0 turns clipping off
-    stop_if_not_learning: bool = True  # stop when the loss has not fallen after the first 2% (>= 20 steps)
+    optimizer: str = setting("muon", "muon (Muon for hidden matrices + AdamW) or adamw (the baseline)")
+    lr_matrix: float = setting(0.02, "Muon learning rate of the hidden weight matrices")
+    lr_embed: float = setting(0.3, "AdamW learning rate of the token embedding")
+    lr_head: float = setting(0.004, "AdamW learning rate of the output head")
+    lr_scalar: float = setting(0.04, "AdamW learning rate of norms and other vectors")
+    adamw_lr: float = setting(6e-4, "learning rate of the adamw baseline")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    schedule: str = setting("wsd", "wsd (warmup, stable, linear cool-down) or cosine")
+    warmup_steps: int = setting(0, "steps of linear learning-rate warmup")
+    cooldown_fraction: float = setting(0.4, "the share of the budget spent cooling the learning rate down (wsd)")
+    final_lr_ratio: float = setting(0.0, "the learning rate at the end, as a share of the peak")
+    muon_momentum_warmup_steps: int = setting(300, "steps over which Muon's momentum rises to its final value")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this; 0 turns clipping off")
+    stop_if_not_learning: bool = setting(True, "stop when the loss has not fallen after the first 2% of the run (>= 20 steps)")
 
     # -- speed
-    precision: str = "auto"  # "auto" (bf16 where supported on GPU, else fp32), "bf16", "fp32"
-    compile: bool = False  # torch.compile the model (each block and the loss; compiled before the clock starts)
-    compile_check: bool = True  # with compile: stop if the compiled gradients differ from the eager ones
-    activation_checkpointing: bool = False
-    dataloader_pin_memory: bool = True
+    precision: str = setting("auto", "auto (bf16 where a GPU supports it, else fp32), bf16 or fp32")
+    compile: bool = setting(False, "torch.compile each block and the loss, before the clock starts")
+    compile_check: bool = setting(True, "with --compile: stop if the compiled gradients differ from the eager ones")
+    activation_checkpointing: bool = setting(False, "recompute activations in the backward pass to save memory")
+    dataloader_pin_memory: bool = setting(True, "pin batches in page-locked memory for faster GPU copies")
 
     # -- evaluation, logging, checkpoints
-    eval_every: int = 200  # steps; 0 = only at the end
-    eval_tokens: int | None = 262_144  # validation tokens per evaluation; null = the whole split
-    sample_every: int = 0  # steps between sample generations; 0 = only at the end
-    sample_prompts: list[str] = field(default_factory=lambda: ["The meaning of", "Once upon a time", "def "])
-    sample_tokens: int = 48
-    log_every: int = 10
-    checkpoint_every: int = 500  # steps; 0 = only when stopping
-    keep_checkpoints: int = 2
-    report_to: str = "tensorboard"  # "tensorboard", "wandb", "none"
-    progress: bool = True
-    hellaswag: str | None = None  # HellaSwag items scored at evaluations: a JSONL file or "hub"; null = none
-    hellaswag_every: int = 0  # steps between HellaSwag scores, a multiple of eval_every; 0 = only at the end
-    hellaswag_limit: int | None = None  # score only the first N items (null: all; the validation split has 10,042)
+    eval_every: int = setting(200, "steps between evaluations; 0 = only at the end")
+    eval_tokens: int | None = setting(262_144, "validation tokens per evaluation; none = the whole split")
+    sample_every: int = setting(0, "steps between sample generations; 0 = only at the end")
+    sample_prompts: list[str] = setting(["The meaning of", "Once upon a time", "def "], "prompts of the samples")
+    sample_tokens: int = setting(48, "tokens generated per sample")
+    log_every: int = setting(10, "steps between logged training losses")
+    checkpoint_every: int = setting(500, "steps between checkpoints; 0 = only when stopping")
+    keep_checkpoints: int = setting(2, "how many of the newest checkpoints to keep")
+    report_to: str = setting("tensorboard", "tensorboard (OUT/logs), wandb or none")
+    progress: bool = setting(True, "show progress bars")
+    hellaswag: str | None = setting(None, "HellaSwag items scored at evaluations: a JSONL file or hub; none = none")
+    hellaswag_every: int = setting(0, "steps between HellaSwag scores, a multiple of eval_every; 0 = only at the end")
+    hellaswag_limit: int | None = setting(None, "score only the first N HellaSwag items (none: all 10,042)")
+
+
+# The sections of `--help`: (title, the first field of the section), in field order.
+SECTIONS = (
+    ("where things go", "out"),
+    ("model", "model_preset"),
+    ("data", "data"),
+    ("batch", "seq_len"),
+    ("length: training stops at the first limit reached", "max_steps"),
+    ("optimisation", "optimizer"),
+    ("speed", "precision"),
+    ("evaluation, logging, checkpoints", "eval_every"),
+)
+# Settings that `--resume` may change: they neither reorder the data nor change the model.
+RESUME_MAY_CHANGE = (
+    "out", "resume", "max_steps", "max_tokens", "max_time", "eval_every", "eval_tokens", "sample_every",
+    "sample_prompts", "sample_tokens", "log_every", "checkpoint_every", "keep_checkpoints", "report_to",
+    "progress", "dataloader_pin_memory", "compile", "compile_check", "activation_checkpointing", "stop_if_not_learning",
+    "hellaswag", "hellaswag_every", "hellaswag_limit",
+)
 
 
 def _field_types() -> dict[str, Any]:
@@ -123,18 +157,41 @@ def load_preset(name: str) -> dict[str, Any]:
     return load_yaml(path)
 
 
+def model_fields() -> list[str]:
+    """The names a `model:` mapping (or `--model.FIELD`) may set: IterativeLLMConfig's own and its base's."""
+    import inspect
+
+    from iterative_llm import IterativeLLMConfig
+    from transformers import PretrainedConfig
+
+    own = [name for name, p in inspect.signature(IterativeLLMConfig.__init__).parameters.items()
+           if name != "self" and p.kind is not p.VAR_KEYWORD]
+    return own + [f.name for f in dataclasses.fields(PretrainedConfig) if f.name not in own]
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name.replace("-", "_"), choices, n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
 def merge(base: dict[str, Any], update: dict[str, Any], source: str) -> dict[str, Any]:
-    """Overlay `update` on `base`, checking every key is a TrainConfig field."""
+    """Overlay `update` on `base`, checking every key is a TrainConfig field (and every model key a model field)."""
     fields = _field_types()
     merged = dict(base)
     for key, value in update.items():
         if key not in fields:
-            close = [name for name in fields if key.replace("-", "_") == name or key in name]
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"Unknown training field {key!r} in {source}.{hint} See `iterative-llm train --help`.")
+            raise ValueError(f"Unknown training field {key!r} in {source}.{_did_you_mean(key, list(fields))} "
+                             "See `iterative-llm train --help`.")
         if key == "model":
             if not isinstance(value, dict):
                 raise ValueError(f"`model` in {source} must be a mapping of model config fields.")
+            known = model_fields()
+            for name in value:
+                if name not in known:
+                    raise ValueError(
+                        f"Unknown model field {name!r} in {source}.{_did_you_mean(name, known)} The model fields "
+                        f"are IterativeLLMConfig's: {', '.join(known[:known.index('pad_token_id') + 1])}."
+                    )
             merged["model"] = {**merged.get("model", {}), **value}
         else:
             merged[key] = value
@@ -152,23 +209,71 @@ def _coerce(name: str, raw: str) -> Any:
     return yaml.safe_load(raw)
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
+def _shown(value: Any) -> str:
+    """A value as it would be typed on the command line."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, dict)):
+        return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return str(value)
+
+
+def _metavar(f: dataclasses.Field) -> str:
+    annotation = str(f.type)
+    for prefix, name in (("bool", "true|false"), ("int", "N"), ("float", "X"), ("list", "LIST"), ("str", "TEXT")):
+        if annotation.startswith(prefix):
+            return name
+    return "VALUE"
+
+
+def _build_parser(defaults: dict[str, Any], preset: str) -> argparse.ArgumentParser:
+    """The `train` parser; `defaults` are the values that apply when an option is left out."""
     parser = argparse.ArgumentParser(
         prog="iterative-llm train",
-        description="Pretrain a model on text. Any field below can also be set in a YAML file (--config) or a preset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Pretrain a model on text. Every option can also be set in a preset or a YAML file "
+                    "(--config). The defaults shown are the ones that apply: the preset's, then --config's.",
+        allow_abbrev=False,  # `--max_step 5` is a typo, not --max_steps
+        usage="iterative-llm train [--preset NAME] [--config FILE] [--OPTION VALUE ...] [--model.FIELD VALUE ...]",
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=34),
     )
-    parser.add_argument("--preset", default="tiny", help=f"training preset: {', '.join(available_presets())}")
-    parser.add_argument("--config", default=None, help="a YAML file of fields (applied after the preset)")
-    defaults = TrainConfig()
+    parser.add_argument("--preset", default=preset, metavar="NAME",
+                        help=f"training preset: {', '.join(available_presets())} (default: tiny)")
+    parser.add_argument("--config", default=None, metavar="FILE", help="a YAML file of settings, applied after the preset")
+    starts = {first: title for title, first in SECTIONS}
+    group = parser
     for f in dataclasses.fields(TrainConfig):
+        if f.name in starts:
+            group = parser.add_argument_group(starts[f.name])
         if f.name == "model":
+            shape = defaults.get("model") or {}
+            group.add_argument("--model.FIELD", dest="_model_help", metavar="VALUE", default=None,
+                               help=f"{f.metadata['help']}, e.g. --model.num_hidden_layers 6 (default: "
+                                    f"{_shown(shape) if shape else 'none'})")
             continue
-        flags = ["--" + f.name] + (["--" + f.name.replace("_", "-")] if "_" in f.name else [])
-        # A boolean given alone (`--resume`) means true; `--resume false` also works.
         boolean = str(f.type) == "bool"
-        parser.add_argument(*flags, dest=f.name, default=None, metavar="VALUE", nargs="?" if boolean else None,
-                            const="true" if boolean else None, help=f"(default {getattr(defaults, f.name)!r})")
+        # A boolean given alone (`--resume`) means true; `--resume false` also works.
+        kwargs = dict(dest=f.name, default=None, metavar=_metavar(f), nargs="?" if boolean else None,
+                      const="true" if boolean else None)
+        text = f"{f.metadata['help']} (default: {_shown(defaults[f.name])})".replace("%", "%%")  # argparse formats help
+        group.add_argument("--" + f.name, help=text, **kwargs)
+        if "_" in f.name:  # --max-steps works as well as --max_steps; listed once
+            group.add_argument("--" + f.name.replace("_", "-"), help=argparse.SUPPRESS, **kwargs)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The preset and --config first, so that `--help` shows the defaults that will apply.
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument("--preset", default="tiny")
+    first.add_argument("--config", default=None)
+    early, _ = first.parse_known_args(argv)
+    values = merge({}, load_preset(early.preset), f"preset {early.preset!r}")
+    file_values = merge({}, load_yaml(early.config), early.config) if early.config else {}
+    values = merge(values, file_values, str(early.config))
+    parser = _build_parser({**to_dict(TrainConfig()), **values}, early.preset)
     args, rest = parser.parse_known_args(argv)
 
     # --model.FIELD VALUE pairs: overrides of the model config.
@@ -188,16 +293,48 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             leftover.append(token)
         i += 1
     if leftover:
-        parser.error(f"unrecognized arguments: {' '.join(leftover)}")
+        options = [o for action in parser._actions for o in action.option_strings]
+        unknown = next((t for t in leftover if t.startswith("--")), leftover[0]).split("=")[0]
+        parser.error(f"unrecognized arguments: {' '.join(leftover)}.{_did_you_mean(unknown, options)}")
 
-    values: dict[str, Any] = merge({}, load_preset(args.preset), f"preset {args.preset!r}")
-    if args.config:
-        values = merge(values, load_yaml(args.config), args.config)
-    cli = {name: _coerce(name, raw) for name, raw in vars(args).items() if name not in ("preset", "config") and raw is not None}
-    values = merge(values, cli, "the command line")
+    if args._model_help is not None:
+        parser.error("--model.FIELD stands for a model config field: --model.num_hidden_layers 6, say")
+    cli = {name: _coerce(name, raw) for name, raw in vars(args).items()
+           if name not in ("preset", "config", "_model_help") and raw is not None}
+    given = merge(file_values, cli, "the command line")  # what this command asks for beyond the preset
     if model_overrides:
-        values = merge(values, {"model": model_overrides}, "the command line")
+        given = merge(given, {"model": model_overrides}, "the command line")
+    values = merge(values, given, "the command line")
+    if values.get("resume"):
+        values = resume_settings(Path(values.get("out", TrainConfig.out)), given) or values
     return build_config(values)
+
+
+def resume_settings(out: Path, given: dict[str, Any]) -> dict[str, Any] | None:
+    """The settings that continue the run in `out`: its own (OUT/run_config.yaml), plus those of
+    `given` that leave the data order and the model alone (RESUME_MAY_CHANGE). Any other setting of
+    `given` that differs from the run's is refused. None when the run folder has no run_config.yaml."""
+    saved_file = out / "run_config.yaml"
+    if not saved_file.is_file():
+        return None
+    saved = load_yaml(saved_file).get("train")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{saved_file} has no `train:` section; it was not written by `iterative-llm train`.")
+    saved = merge({}, saved, str(saved_file))
+    changed = []
+    for key, value in given.items():
+        if key == "model":
+            changed += [f"--model.{name} {_shown(v)} (the run has {_shown(saved['model'].get(name))})"
+                        for name, v in value.items() if saved["model"].get(name) != v]
+        elif key not in RESUME_MAY_CHANGE and saved.get(key) != value:
+            changed.append(f"--{key} {_shown(value)} (the run has {_shown(saved.get(key))})")
+    if changed:
+        raise ValueError(
+            f"--resume continues the run in {out} with its own settings ({saved_file}); these options would change "
+            f"its data order or its model: {'; '.join(changed)}. Drop them to resume, or start a new run with "
+            f"another --out. With --resume you may change: {', '.join(RESUME_MAY_CHANGE[2:])}."
+        )
+    return {**saved, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}, "out": str(out), "resume": True}
 
 
 def build_config(values: dict[str, Any]) -> TrainConfig:

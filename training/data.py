@@ -16,7 +16,9 @@ Notable choices:
   role marker gets ordinary tokens for it, never the control token (tiktoken's `encode_ordinary`).
 - The train/validation split is by document and depends only on each document's text (a blake2b
   hash below `val_fraction`), so it is the same whatever the source format or order, and repeated
-  documents never leak across it.
+  documents never leak across it. A source of only a few documents (a folder of books), which a
+  split by document would leave with no validation text or a whole book of it, instead holds out
+  the last `val_fraction` of every document, cut at a paragraph break; this is said when it happens.
 - The shard folder is resumable: shards are written atomically, the manifest is rewritten after
   every shard as a consistent checkpoint, and a re-run with the same settings reuses the finished
   work instead of tokenising again.
@@ -554,46 +556,70 @@ def prepare_shards(
     encoder = _plain_text_encoder(tokenizer)
     started = time.perf_counter()
     new_tokens = 0
-    try:
-        for key, stream_source, forced_split in streams:
-            state = manifest["progress"][key]
-            if max_tokens is not None and state["tokens"] >= max_tokens:
-                state["done"] = True
-            if state["done"]:
-                continue
-            documents = iter_documents(stream_source, text_column=text_column,
-                                       doc_separator=doc_separator, max_documents=max_documents)
-            # Resuming: the first documents_read are already in committed shards.
-            documents = itertools.islice(documents, state["documents_read"], None)
-            bar = _progress_bar(progress, f"tokenising {stream_source}", state["tokens"])
-            for texts in _batched_texts(documents):
-                encoded = _encode_batch(encoder, texts)
-                for text, ids in zip(texts, encoded):
-                    raw = text.encode("utf-8")
-                    split = forced_split or ("val" if _in_validation(raw, val_fraction) else "train")
-                    document = np.empty(len(ids) + 1, dtype=np.int64)
-                    document[0] = boundary
-                    document[1:] = ids
-                    writers[split].add(document, len(raw), vocab_size)
-                    state["documents_read"] += 1
-                    state["tokens"] += len(document)
-                    new_tokens += len(document)
+
+    def tokenise() -> None:
+        nonlocal new_tokens
+        tails = manifest.get("held_out_tails", False)
+        try:
+            for key, stream_source, forced_split in streams:
+                state = manifest["progress"][key]
+                if max_tokens is not None and state["tokens"] >= max_tokens:
+                    state["done"] = True
+                if state["done"]:
+                    continue
+                documents = iter_documents(stream_source, text_column=text_column,
+                                           doc_separator=doc_separator, max_documents=max_documents)
+                # Resuming: the first documents_read are already in committed shards.
+                documents = itertools.islice(documents, state["documents_read"], None)
+                pieces = _pieces(documents, forced_split, val_fraction, tails)
+                bar = _progress_bar(progress, f"tokenising {stream_source}", state["tokens"])
+                for batch in _batched_texts(pieces):
+                    encoded = _encode_batch(encoder, [text for text, _, _ in batch])
+                    for (text, split, document_ends), ids in zip(batch, encoded):
+                        document = np.empty(len(ids) + 1, dtype=np.int64)
+                        document[0] = boundary
+                        document[1:] = ids
+                        writers[split].add(document, len(text.encode("utf-8")), vocab_size)
+                        state["tokens"] += len(document)
+                        new_tokens += len(document)
+                        if not document_ends:
+                            continue  # the held-out tail of this document follows
+                        state["documents_read"] += 1
+                        if max_tokens is not None and state["tokens"] >= max_tokens:
+                            break
+                        if writers[split].open_tokens >= shard_tokens:
+                            checkpoint()
+                    if bar is not None:
+                        bar.update(state["tokens"] - bar.n)
+                        bar.set_postfix(docs=state["documents_read"], refresh=False)
                     if max_tokens is not None and state["tokens"] >= max_tokens:
                         break
-                    if writers[split].open_tokens >= shard_tokens:
-                        checkpoint()
                 if bar is not None:
-                    bar.update(state["tokens"] - bar.n)
-                    bar.set_postfix(docs=state["documents_read"], refresh=False)
-                if max_tokens is not None and state["tokens"] >= max_tokens:
-                    break
-            if bar is not None:
-                bar.close()
-            state["done"] = True
-            checkpoint()
-    finally:
-        for writer in writers.values():
-            writer.discard()  # an interrupted shard is dropped; the last checkpoint stands
+                    bar.close()
+                state["done"] = True
+                checkpoint()
+        finally:
+            for writer in writers.values():
+                writer.discard()  # an interrupted shard is dropped; the last checkpoint stands
+
+    tokenise()
+    documents = manifest["progress"]["source"]["documents_read"]
+    val_tokens, all_tokens = (manifest["splits"]["val"]["num_tokens"],
+                              sum(manifest["splits"][s]["num_tokens"] for s in SPLITS))
+    if val_source is None and not manifest.get("held_out_tails") and (
+            documents * val_fraction < 1 or val_tokens < all_tokens * val_fraction / 4):
+        # A few large documents (a folder of books) cannot be split by document: validation would
+        # get nothing, or a whole book. Hold out the end of every document instead.
+        note = (f"{source} holds {documents} document{'s' * (documents != 1)}, too few to hold out "
+                f"{val_fraction:.0%} of the text as whole documents, so the last {val_fraction:.0%} of each "
+                "document (cut at a paragraph or line break) is the validation split")
+        print(f"note: {note}", file=sys.stderr, flush=True)
+        _remove_outputs(out, manifest)
+        manifest["held_out_tails"] = note
+        manifest["progress"] = {key: {"documents_read": 0, "tokens": 0, "done": False} for key, _, _ in streams}
+        manifest["splits"] = {s: {"num_tokens": 0, "num_documents": 0, "num_bytes": 0, "shards": []} for s in SPLITS}
+        writers = {s: _ShardWriter(out, s, dtype, manifest["splits"][s]) for s in SPLITS}
+        tokenise()
 
     empty = [s for s in SPLITS if manifest["splits"][s]["num_documents"] == 0]
     if empty:
@@ -626,11 +652,45 @@ def _in_validation(text_utf8: bytes, val_fraction: float) -> bool:
     return int.from_bytes(digest, "big") < val_fraction * 2**64
 
 
-def _batched_texts(documents: Iterable[str]) -> Iterator[list[str]]:
-    batch, chars = [], 0
+def _pieces(documents: Iterable[str], forced_split: str | None, val_fraction: float,
+            tails: bool) -> Iterator[tuple[str, str, bool]]:
+    """(text, split, whether the document ends here) for each document, or for its two parts when
+    the end of every document is held out for validation (`tails`)."""
     for text in documents:
-        batch.append(text)
-        chars += len(text)
+        if forced_split is not None:
+            yield text, forced_split, True
+        elif tails:
+            head, tail = _split_tail(text, val_fraction)
+            if tail.strip():
+                yield head, "train", False
+                yield tail, "val", True
+            else:
+                yield text, "train", True
+        else:
+            yield text, "val" if _in_validation(text.encode("utf-8"), val_fraction) else "train", True
+
+
+def _split_tail(text: str, fraction: float) -> tuple[str, str]:
+    """`text` cut about `fraction` of its length before the end: at a paragraph break near that
+    point if there is one, else a line break, else a space, else exactly there."""
+    cut = round(len(text) * (1 - fraction))
+    window = max(1, round(len(text) * fraction / 2))
+    for separator in ("\n\n", "\n", " "):
+        before = text.rfind(separator, max(1, cut - window), cut)
+        after = text.find(separator, cut, min(len(text), cut + window))
+        found = [at for at in (before, after) if at > 0]
+        if found:
+            at = min(found, key=lambda at: abs(at - cut)) + len(separator)
+            return text[:at], text[at:]
+    return text[:cut], text[cut:]
+
+
+def _batched_texts(pieces: Iterable[tuple]) -> Iterator[list[tuple]]:
+    """Groups of (text, ...) items, for the tokenizer to encode at once."""
+    batch, chars = [], 0
+    for item in pieces:
+        batch.append(item)
+        chars += len(item[0])
         if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCS:
             yield batch
             batch, chars = [], 0
@@ -712,16 +772,25 @@ def _remove_outputs(out: Path, manifest: dict) -> None:
     (out / MANIFEST).unlink(missing_ok=True)
 
 
+class ShardSettingsError(ValueError):
+    """A shard folder holds shards made from another source or with other settings."""
+
+    def __init__(self, message: str, out: Path, manifest: dict, differences: list[str]):
+        super().__init__(message)
+        self.out, self.manifest, self.differences = out, manifest, differences
+
+
 def _check_same_settings(out: Path, manifest: dict, settings: dict) -> None:
     old = manifest.get("settings", {})
     differences = [f"{key}: {old.get(key)!r} there, {settings[key]!r} now"
                    for key in settings if old.get(key) != settings[key]]
     if differences:
-        raise ValueError(
+        raise ShardSettingsError(
             f"{out} already holds shards prepared with different settings ("
             + "; ".join(differences)
             + f"). Prepare them in another folder (train: --data_cache, or another --out), or delete {out} "
-            "to prepare it again."
+            "to prepare it again.",
+            out, manifest, differences,
         )
 
 

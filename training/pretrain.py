@@ -39,8 +39,9 @@ from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM
 from iterative_llm.tokenization import check_tokenizer_matches_model, load_tokenizer, train_tokenizer
 
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig, parse_args, to_dict
-from .data import RandomWindowBatches, ShardedDataset, iter_documents, prepare_shards, token_byte_lengths
+from .config import RESUME_MAY_CHANGE, TrainConfig, parse_args, to_dict
+from .data import (RandomWindowBatches, ShardedDataset, ShardSettingsError, iter_documents, prepare_shards,
+                   token_byte_lengths)
 from .evaluate import evaluate, flops_per_token, peak_flops, sample
 from .export import export_model_folder, package_versions
 from .multiple_choice import hellaswag_in_run
@@ -51,18 +52,43 @@ class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to do."""
 
 
+# The process group of a data-parallel run is never freed in Python. Freeing it (when the DDP model
+# that holds it goes) joins gloo's worker threads, and one of them may still be waiting for the GIL,
+# which the freeing thread holds, to drop a tensor of the last collective: a deadlock, seen in about
+# one run in ten under load (issue 11; stacks in ~ProcessGroupGloo and TensorImpl::decref_pyobject).
+# So train() keeps the DDP model here, and main() ends such a process with os._exit once all is written.
+_KEEP_UNTIL_EXIT: list = []
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_args(argv)
     except (ValueError, FileNotFoundError) as err:
         print(f"iterative-llm train: {err}", file=sys.stderr)
         return 2
+    code = 1
     try:
         train(config)
+        code = 0
     except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"iterative-llm train: {err}", file=sys.stderr)
-        return 1
-    return 0
+    except BaseException:
+        if not _several_processes():
+            raise
+        import traceback
+
+        traceback.print_exc()  # the launcher stops the other processes when this one fails
+    finally:
+        if _several_processes():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)  # no interpreter teardown: see _KEEP_UNTIL_EXIT
+    return code
+
+
+def _several_processes() -> bool:
+    """Launched by torchrun or `accelerate launch` as one of several processes."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def train(config: TrainConfig, model_factory=None) -> dict:
@@ -106,23 +132,27 @@ def train(config: TrainConfig, model_factory=None) -> dict:
             f"The run folder {out} already holds checkpoints. Pass --resume to continue that run, or choose "
             f"another --out (nothing was overwritten)."
         )
+    _check_model_settings(config)  # before anything is written
+    data_dir = Path(config.data_cache) if config.data_cache else out / "data"
+    # A start that fails before training leaves nothing behind: the folders it creates go again.
+    created = [path for path in (out, data_dir) if not path.exists()]
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ tokenizer and token shards
-    data_dir = Path(config.data_cache) if config.data_cache else out / "data"
-    tokenizer = _tokenizer(config, data_dir, main_process, say)
-    accelerator.wait_for_everyone()
-    if not main_process:
-        tokenizer = load_tokenizer(data_dir / "tokenizer") if not config.tokenizer else load_tokenizer(config.tokenizer)
-    if main_process:
-        prepare_shards(
-            config.data, tokenizer, data_dir, text_column=config.text_column, doc_separator=config.doc_separator,
-            val_source=config.val_data, val_fraction=config.val_fraction, max_documents=config.max_documents,
-            progress=config.progress,
-        )
-    accelerator.wait_for_everyone()
+    try:
+        tokenizer = _tokenizer(config, data_dir, main_process, say)
+        accelerator.wait_for_everyone()
+        if not main_process:
+            tokenizer = load_tokenizer(data_dir / "tokenizer") if not config.tokenizer else load_tokenizer(config.tokenizer)
+        if main_process:
+            _prepare_shards(config, tokenizer, data_dir, out)
+        accelerator.wait_for_everyone()
+    except BaseException:
+        if main_process:
+            _remove_created(created, say)
+        raise
     dataset = ShardedDataset.open(data_dir)
     train_split, val_split = dataset.split("train"), dataset.split("val")
     say(f"data: {train_split.num_tokens:,} training tokens in {train_split.num_documents:,} documents, "
@@ -135,11 +165,6 @@ def train(config: TrainConfig, model_factory=None) -> dict:
                         pad_token_id=tokenizer.pad_token_id)
     model_config = IterativeLLMConfig.from_preset(config.model_preset, **model_fields)
     check_tokenizer_matches_model(tokenizer, model_config)
-    if config.seq_len > model_config.max_position_embeddings:
-        raise ValueError(
-            f"seq_len ({config.seq_len}) is longer than the model's max_position_embeddings "
-            f"({model_config.max_position_embeddings}): lower --seq_len or set --model.max_position_embeddings."
-        )
     torch.manual_seed(config.seed)
     raw_model = (model_factory or IterativeLLMForCausalLM)(model_config).to(device)
     # Our model computes the loss chunk by chunk without keeping the (B, T, V) logits
@@ -176,6 +201,8 @@ def train(config: TrainConfig, model_factory=None) -> dict:
     if config.compile:
         compile_model(raw_model)
     model = accelerator.prepare(raw_model)
+    if world_size > 1:
+        _KEEP_UNTIL_EXIT.append(model)  # its DDP reducer holds the process group
     # The global batch of a step is `accumulation x world_size` slices of `batch_size` rows, drawn
     # from one generator seeded by the step: micro-step m of process r reads slice m * world + r.
     # The same step therefore sees the same rows whatever the split into processes and micro-steps,
@@ -191,7 +218,8 @@ def train(config: TrainConfig, model_factory=None) -> dict:
     ]
     byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer).astype("int64"))
     if config.report_to != "none":
-        accelerator.init_trackers("pretrain", config=_scalar_config(config))
+        # TensorBoard writes to project_dir/<project name>: OUT/logs, as the README's table says.
+        accelerator.init_trackers("logs" if config.report_to == "tensorboard" else "pretrain", config=_scalar_config(config))
 
     flops_token = flops_per_token(raw_model.config, config.seq_len)
     peak = peak_flops(device)
@@ -355,8 +383,8 @@ def train(config: TrainConfig, model_factory=None) -> dict:
             signal.signal(sig, handler)
 
     if stopped_by is not None:
-        say(f"Stopped by {stopped_by} at step {state['step']}. Continue with: iterative-llm train ... --out {out} --resume")
-        accelerator.end_training()
+        say(f"Stopped by {stopped_by} at step {state['step']}. Continue with: iterative-llm train --out {out} --resume")
+        _finish(accelerator)
         return {"stopped": True, **state}
 
     # ------------------------------------------------------------------ final evaluation and export
@@ -377,9 +405,15 @@ def train(config: TrainConfig, model_factory=None) -> dict:
     if main_process:
         export_model_folder(out, raw_model, tokenizer, summary)
         say(f"model folder: {out} (load it with AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    _finish(accelerator)
+    return summary
+
+
+def _finish(accelerator) -> None:
+    """The end of a run, in order on every process: all meet, the trackers close, the process group goes
+    (accelerate's end_training calls torch.distributed.destroy_process_group)."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return summary
 
 
 # ---------------------------------------------------------------------- one training step, compile, guards
@@ -561,6 +595,48 @@ def _tokenizer(config: TrainConfig, data_dir: Path, main_process: bool, say):
     return tokenizer
 
 
+def _prepare_shards(config: TrainConfig, tokenizer, data_dir: Path, out: Path) -> None:
+    try:
+        prepare_shards(
+            config.data, tokenizer, data_dir, text_column=config.text_column, doc_separator=config.doc_separator,
+            val_source=config.val_data, val_fraction=config.val_fraction, max_documents=config.max_documents,
+            progress=config.progress,
+        )
+    except ShardSettingsError as err:
+        made_from = err.manifest.get("paths", {}).get("source")
+        own_run = (out / "run_config.yaml").is_file() and not config.data_cache
+        raise TrainingError(
+            f"{data_dir} holds the token shards of another data source or other data settings "
+            f"({'; '.join(err.differences)}); this run asks for --data {config.data}. "
+            + (f"To continue the run in {out}, use `iterative-llm train --out {out} --resume` with no data options: "
+               f"it reads the run's own settings from run_config.yaml. " if own_run else "")
+            + f"To train on {made_from}, pass --data {made_from} with the settings the shards were made with; to "
+            f"train on {config.data}, choose another --out, or a --data_cache folder of its own. Nothing was changed."
+        ) from err
+
+
+def _check_model_settings(config: TrainConfig) -> None:
+    """Model settings that cannot work, found before the run folder is made."""
+    model_config = IterativeLLMConfig.from_preset(config.model_preset, **config.model)
+    if config.seq_len > model_config.max_position_embeddings:
+        raise ValueError(
+            f"seq_len ({config.seq_len}) is longer than the model's max_position_embeddings "
+            f"({model_config.max_position_embeddings}): lower --seq_len or set --model.max_position_embeddings."
+        )
+
+
+def _remove_created(created: list[Path], say) -> None:
+    """Remove the folders a failed start created, except token shards worth resuming."""
+    import shutil
+
+    for path in created:
+        shards = [p for p in (path, path / "data") if (p / "manifest.json").is_file()]
+        if shards:
+            say(f"kept {shards[0]}: its token shards are resumed by the next start with the same data")
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _limited(documents, max_chars: int):
     seen = 0
     for document in documents:
@@ -596,9 +672,20 @@ def _check_resume_settings(state: dict, config: TrainConfig, tokens_per_step: in
 
 def _write_run_files(out: Path, config, model_config, tokenizer, resumed: bool, step: int) -> None:
     """Resolved settings, versions and the tokenizer, so every figure traces back to its run."""
-    (out / "run_config.yaml").write_text(
-        yaml.safe_dump({"train": to_dict(config), "model": model_config.to_diff_dict()}, sort_keys=False)
-    )
+    run_config = out / "run_config.yaml"
+    if resumed and run_config.is_file():
+        # The run keeps its own settings; a resume may only extend it or change its cadence
+        # (RESUME_MAY_CHANGE), and each such change is recorded with the step it applies from.
+        saved = yaml.safe_load(run_config.read_text())
+        changes = {key: value for key, value in to_dict(config).items()
+                   if key in RESUME_MAY_CHANGE and key not in ("out", "resume") and saved.get("train", {}).get(key) != value}
+        saved.setdefault("train", {}).update(changes)
+        saved.setdefault("resumed", []).append({"step": step, "changed": changes})
+        run_config.write_text(yaml.safe_dump(saved, sort_keys=False))
+    else:
+        run_config.write_text(
+            yaml.safe_dump({"train": to_dict(config), "model": model_config.to_diff_dict()}, sort_keys=False)
+        )
     (out / "versions.json").write_text(json.dumps(package_versions(), indent=2))
     tokenizer.save_pretrained(out)
     metrics = out / "metrics.jsonl"
