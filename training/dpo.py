@@ -4,8 +4,9 @@
     iterative-llm dpo --config training/presets/dpo-tiny.yaml --max_steps 50
     accelerate launch -m training.dpo --config ...
 
-The same shape as `training/sft.py` (and TRL's `trl/scripts/dpo.py`), sharing its data loading and
-model-folder handling through `training/alignment_data.py`. What differs:
+The same shape as `training/sft.py` (and TRL's `trl/scripts/dpo.py`), sharing its data loading
+(`training/alignment_data.py`), model-folder handling (`training/model_folder.py`) and command line
+(`training/alignment.py`). What differs:
 - pairs in any common shape, Anthropic HH transcripts included (the turns both continuations share
   become the prompt);
 - the reference model is the starting checkpoint itself: a frozen copy of the weights the policy
@@ -33,20 +34,10 @@ import torch
 import trl
 from trl import DPOTrainer, ModelConfig, TrlParser
 
-from training.alignment_data import (
-    DataArguments,
-    InputError,
-    default_output_dir,
-    load_preference_dataset,
-    load_starting_model,
-    parse_command_line,
-    peft_config_from,
-    read_model_card,
-    resolve_device_defaults,
-    save_chat_model,
-    write_summary,
-)
+from training.alignment import InputError, parse_command_line, peft_config_from, resolve_device_defaults
+from training.alignment_data import DataArguments, load_preference_dataset
 from training.model_card import append_model_card_section
+from training.model_folder import default_output_dir, load_starting_model, read_model_card, save_chat_model, write_summary
 
 
 @dataclass

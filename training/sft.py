@@ -29,21 +29,17 @@ import torch
 import trl
 from trl import ModelConfig, SFTTrainer, TrlParser
 
-from training.alignment_data import (
-    DataArguments,
-    InputError,
+from training.alignment import InputError, parse_command_line, peft_config_from, resolve_device_defaults
+from training.alignment_data import DataArguments, load_sft_dataset
+from training.model_card import append_model_card_section
+from training.model_folder import (
     default_output_dir,
     end_of_turn_ids,
-    load_sft_dataset,
     load_starting_model,
-    parse_command_line,
-    peft_config_from,
     read_model_card,
-    resolve_device_defaults,
     save_chat_model,
     write_summary,
 )
-from training.model_card import append_model_card_section
 
 
 @dataclass
