@@ -13,20 +13,20 @@ from pathlib import Path
 
 import pytest
 
+from training.alignment import resolve_device_defaults
 from training.alignment_data import (
     DataArguments,
     load_preference_dataset,
     load_rows,
     load_sft_dataset,
-    load_tokenizer_with_template,
     parse_transcript,
-    resolve_device_defaults,
     to_conversation,
     to_messages_dataset,
     to_preference,
     to_preference_dataset,
 )
 from training.model_card import append_model_card_section
+from training.model_folder import load_tokenizer_with_template
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers shared with the other alignment tests

@@ -20,7 +20,8 @@ from trl import ModelConfig
 from iterative_llm.cli import main as cli_main
 from iterative_llm.tokenization import ASSISTANT, END_OF_TURN
 from tests.test_alignment_data import qa_conversations, save_model_folder, write_jsonl
-from training.alignment_data import DataArguments, load_sft_dataset, load_starting_model
+from training.alignment_data import DataArguments, load_sft_dataset
+from training.model_folder import load_starting_model
 from training.sft import SFTConfig, SFTScriptArguments, end_of_turn_share, make_trainer
 
 TRL = Path(sys.executable).with_name("trl")

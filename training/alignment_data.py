@@ -1,9 +1,9 @@
-"""Data and model-folder plumbing shared by `training/sft.py` and `training/dpo.py`.
+"""The data of `training/sft.py` and `training/dpo.py`: conversations and preference pairs in any common shape.
 
-The two scripts differ only in their trainer and their evaluation; everything else lives here once,
-so the two cannot drift apart (STYLE.md): loading a dataset from the hub or local files, turning each
-common shape into one conversation format, holding out a slice for evaluation, loading the starting
-model with its chat template, and finishing the output folder.
+Loading a dataset from the hub or local files, turning each common shape into one conversation format,
+and holding out a slice for evaluation live here once, so the two scripts cannot drift apart
+(STYLE.md). Model folders are `training/model_folder.py`'s job, the scripts' shared steps
+`training/alignment.py`'s.
 
 Every SFT shape becomes `{"messages": [{"role", "content"}, ...]}`:
 
@@ -22,17 +22,12 @@ Every preference shape becomes TRL's conversational preference format, `{"prompt
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-# Importing the package registers our model type with the Auto classes, before any folder is loaded.
-from iterative_llm.tokenization import END_OF_TURN, check_tokenizer_matches_model
 
 logger = logging.getLogger(__name__)
 
@@ -400,191 +395,3 @@ def _keep_usable(converted, source: str, what: str):
     if len(kept) < total:
         logger.warning("Dataset %r: dropped %d of %d rows that are not usable %s.", source, total - len(kept), total, what)
     return kept
-
-
-# ----------------------------------------------------------------------------------------------------
-# Model folders: shared by both scripts
-
-
-class InputError(ValueError):
-    """A problem with what the user gave (data, model folder, options): reported in one line, no traceback."""
-
-
-def parse_command_line(parser, argv: list[str] | None):
-    """`parser.parse_args_and_config` (TrlParser), with a mistyped option or a bad value reported as a usage
-    error, not a traceback."""
-    try:
-        *parsed, unknown = parser.parse_args_and_config(args=argv, return_remaining_strings=True)
-    except ValueError as err:  # a value a config's __post_init__ refuses
-        parser.error(str(err))
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return parsed
-
-
-def resolve_device_defaults(args) -> None:
-    """TRL defaults to bf16 and gradient checkpointing, which fail or only cost time on a CPU.
-
-    `bf16=None` becomes True only on a GPU that supports it; activation checkpointing left unset
-    (`activation_checkpointing`, or its deprecated alias `gradient_checkpointing`) becomes False on a
-    CPU and TRL's default (True) on a GPU. Setting the new name keeps transformers (5.x) from warning
-    that the old one is deprecated. Explicit values are left alone. On a machine
-    with no accelerator at all, `use_cpu` is set (so `torchrun` gives CPU data parallelism rather
-    than independent copies of the run) and the data loader does not pin memory.
-    """
-    import torch
-
-    gpu = torch.cuda.is_available() and not args.use_cpu
-    if args.bf16 is None and not args.fp16:
-        args.bf16 = bool(gpu and torch.cuda.is_bf16_supported())
-    if getattr(args, "activation_checkpointing", None) is None and args.gradient_checkpointing is None:
-        args.activation_checkpointing = args.gradient_checkpointing = gpu
-    accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
-        hasattr(torch, "xpu") and torch.xpu.is_available())
-    if not accelerator:
-        args.use_cpu = True
-    if not gpu:
-        args.dataloader_pin_memory = False  # pinned memory only speeds up copies to a GPU
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """The ids that end an assistant reply: the chat template's `<|end|>` (if the vocabulary has it), then eos."""
-    vocab = tokenizer.get_vocab()
-    ids = [vocab[END_OF_TURN]] if END_OF_TURN in vocab else []
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
-def load_tokenizer_with_template(path: str, trust_remote_code: bool = False, revision: str | None = None,
-                                 template_file: str | None = None):
-    """The model folder's tokenizer, which must carry a chat template (SFT, DPO and chat all render with it).
-
-    `template_file` (a .jinja file) replaces the folder's template, or supplies one it lacks.
-    """
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
-    if template_file:
-        if not (os.path.isfile(template_file) and template_file.endswith((".jinja", ".j2"))):
-            raise ValueError(f"--chat_template_path {template_file!r}: expected a .jinja file.")
-        tokenizer.chat_template = Path(template_file).read_text(encoding="utf-8")
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"The model folder {path!r} has no chat template: SFT, DPO and chat render conversations with it. "
-            f"Save the tokenizer with one (iterative_llm.tokenization.CHAT_TEMPLATE, written as chat_template.jinja "
-            f"in the folder), or pass --chat_template_path FILE.jinja."
-        )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_starting_model(model_args, training_args):
-    """(model, tokenizer) from `--model_name_or_path`, checked against each other; `max_length` capped
-    at the model's context."""
-    path = model_args.model_name_or_path
-    if not path:
-        raise ValueError("No model given: pass --model_name_or_path (a model folder, e.g. a pretraining run).")
-    trust = training_args.trust_remote_code
-    template_file = getattr(training_args, "chat_template_path", None)
-    tokenizer = load_tokenizer_with_template(path, trust, model_args.model_revision, template_file)
-    if template_file:
-        training_args.chat_template_path = None  # applied above; TRL must not apply it again
-    model = load_causal_lm(path, model_args, trust)
-    check_tokenizer_matches_model(tokenizer, model.config)
-    fit_max_length(training_args, model)
-    return model, tokenizer
-
-
-def load_causal_lm(path: str, model_args, trust_remote_code: bool = False):
-    """The starting model, loaded the way TRL would load it from a path (float32 unless asked otherwise)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = model_args.dtype or "float32"
-    if dtype != "auto":
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, revision=model_args.model_revision)
-    if model_args.attn_implementation:
-        kwargs["attn_implementation"] = model_args.attn_implementation
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-
-
-def fit_max_length(args, model) -> None:
-    """Sequences longer than the model's context cannot run: cap `max_length` at `max_position_embeddings`."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and (args.max_length is None or args.max_length > limit):
-        logger.warning("max_length %s is more than the model's context; using %d.", args.max_length, limit)
-        args.max_length = limit
-
-
-def peft_config_from(model_args):
-    """TRL's LoRA config from the `--use_peft --lora_*` flags, with every linear layer as the default target
-    (PEFT knows no default target modules for a new model type)."""
-    from trl import get_peft_config
-
-    if model_args.use_peft and not model_args.lora_target_modules and not model_args.lora_target_parameters:
-        model_args = copy.copy(model_args)
-        model_args.lora_target_modules = "all-linear"
-    return get_peft_config(model_args)
-
-
-def default_output_dir(args, model_path: str, stage: str) -> None:
-    """Without --output_dir, write next to the starting folder: runs/NAME -> runs/NAME-sft."""
-    if args.output_dir in (None, "", "trainer_output"):
-        args.output_dir = f"{str(model_path).rstrip('/')}-{stage}"
-
-
-def read_model_card(path: str) -> str:
-    """The starting folder's model card, carried into the output folder below the new stage's section."""
-    card = Path(path) / "README.md"
-    return card.read_text(encoding="utf-8") if card.is_file() else ""
-
-
-def save_chat_model(trainer, tokenizer, output_dir: str, base_card: str) -> None:
-    """Write a plain Hugging Face model folder: weights (a LoRA adapter merged in; the adapter itself in
-    `adapter/`), config and modeling files, tokenizer with chat template, and a generation config that
-    stops at the end of the assistant's turn. The previous stages' model card is carried over."""
-    from accelerate.utils import is_peft_model
-
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if is_peft_model(model):
-        if trainer.accelerator.is_main_process:
-            model.save_pretrained(os.path.join(output_dir, "adapter"))
-            merged = model.merge_and_unload()
-            _stop_at_end_of_turn(merged, tokenizer)
-            merged.save_pretrained(output_dir)
-            tokenizer.save_pretrained(output_dir)
-    else:
-        _stop_at_end_of_turn(model, tokenizer)
-        trainer.save_model(output_dir)  # gathers sharded weights (FSDP, DeepSpeed); writes on the main process
-    if trainer.accelerator.is_main_process:
-        card = Path(output_dir) / "README.md"  # TRL's checkpoint saves write a card of their own: replace it
-        if base_card:
-            card.write_text(base_card, encoding="utf-8")
-        else:
-            card.unlink(missing_ok=True)
-
-
-def _stop_at_end_of_turn(model, tokenizer) -> None:
-    model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-
-
-def write_summary(output_dir: str, stage: str, summary: dict[str, Any]) -> None:
-    """`{stage}_summary.json` beside the weights: resolved arguments, metrics and versions of this run."""
-    import platform
-
-    import accelerate
-    import datasets
-    import torch
-    import transformers
-    import trl
-
-    summary = dict(summary)
-    summary["versions"] = {
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "trl": trl.__version__, "accelerate": accelerate.__version__, "datasets": datasets.__version__,
-    }
-    Path(output_dir, f"{stage}_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")

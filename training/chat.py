@@ -17,7 +17,7 @@ from typing import Callable, TextIO
 import torch
 from transformers import HfArgumentParser, TextStreamer
 
-from training.alignment_data import end_of_turn_ids, load_tokenizer_with_template
+from training.model_folder import end_of_turn_ids, load_tokenizer_with_template
 
 
 @dataclass

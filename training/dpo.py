@@ -4,8 +4,9 @@
     iterative-llm dpo --config training/presets/dpo-tiny.yaml --max_steps 50
     accelerate launch -m training.dpo --config ...
 
-The same shape as `training/sft.py` (and TRL's `trl/scripts/dpo.py`), sharing its data loading and
-model-folder handling through `training/alignment_data.py`. What differs:
+The same shape as `training/sft.py` (and TRL's `trl/scripts/dpo.py`), sharing its data loading
+(`training/alignment_data.py`), model-folder handling (`training/model_folder.py`) and the steps of
+`run()` and `main()` (`training/alignment.py`). What differs:
 - pairs in any common shape, Anthropic HH transcripts included (the turns both continuations share
   become the prompt);
 - the reference model is the starting checkpoint itself: a frozen copy of the weights the policy
@@ -25,46 +26,19 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import trl
 from trl import DPOTrainer, ModelConfig, TrlParser
 
-from training.alignment_data import (
-    DataArguments,
-    InputError,
-    default_output_dir,
-    load_preference_dataset,
-    load_starting_model,
-    parse_command_line,
-    peft_config_from,
-    read_model_card,
-    resolve_device_defaults,
-    save_chat_model,
-    write_summary,
-)
-from training.model_card import append_model_card_section
+from training.alignment import DeviceDefaults, card_rows, finish, load_inputs, peft_config_from, run_script, timed_train
+from training.alignment_data import DataArguments, load_preference_dataset
 
 
 @dataclass
-class DPOConfig(trl.DPOConfig):
+class DPOConfig(DeviceDefaults, trl.DPOConfig):
     """TRL's DPOConfig, with bf16 and activation (gradient) checkpointing decided by the hardware unless set."""
-
-    activation_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Recompute activations in backward to save memory (default: on a GPU only).",
-                                "nargs": "?", "const": True},
-    )
-    # TRL sets the deprecated alias to True; unset, it follows activation_checkpointing.
-    gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Deprecated alias of --activation_checkpointing.", "nargs": "?", "const": True}
-    )
-
-    def __post_init__(self):
-        resolve_device_defaults(self)
-        super().__post_init__()
 
 
 def make_parser() -> TrlParser:
@@ -220,14 +194,8 @@ def make_trainer(model, tokenizer, train_dataset, heldout, training_args: DPOCon
 
 def run(script_args: DataArguments, training_args: DPOConfig, model_args: ModelConfig) -> dict:
     """Optimise on preference pairs, evaluate before and after, write the chat model folder. Returns the figures."""
-    try:  # the data first: its mistakes show in seconds, before the model loads
-        train_dataset, heldout = load_preference_dataset(script_args, seed=training_args.seed)
-        model, tokenizer = load_starting_model(model_args, training_args)
-    except (ValueError, OSError) as err:
-        raise InputError(str(err)) from err
-    model_path = model_args.model_name_or_path
-    default_output_dir(training_args, model_path, "dpo")
-    base_card = read_model_card(model_path)
+    train_dataset, heldout, model, tokenizer, base_card = load_inputs(
+        "dpo", load_preference_dataset, script_args, training_args, model_args)
     trainer = make_trainer(model, tokenizer, train_dataset, heldout, training_args, peft_config_from(model_args))
 
     def policy():
@@ -237,9 +205,7 @@ def run(script_args: DataArguments, training_args: DPOConfig, model_args: ModelC
     if heldout is not None:
         with trainer.accelerator.autocast():
             before, before_logps, before_per_token = evaluate(policy(), tokenizer, heldout, training_args)
-    start = time.time()
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    seconds = time.time() - start
+    trained = timed_train(trainer, training_args)
     if heldout is not None:
         with trainer.accelerator.autocast():
             after, after_logps, after_per_token = evaluate(policy(), tokenizer, heldout, training_args)
@@ -247,36 +213,18 @@ def run(script_args: DataArguments, training_args: DPOConfig, model_args: ModelC
         rewards["paired"] = paired_change(before_logps, after_logps)
         rewards["paired_per_token"] = paired_change(before_per_token, after_per_token)
 
-    output_dir = training_args.output_dir
-    save_chat_model(trainer, tokenizer, output_dir, base_card)
-    figures = {"before": before, "after": after, "rewards": rewards, "train_loss": result.training_loss,
-               "steps": result.global_step, "train_seconds": seconds}
-    if trainer.accelerator.is_main_process:
-        append_model_card_section(output_dir, "Preference optimisation (DPO)", _card_rows(
-            model_path, script_args, training_args, model_args, len(train_dataset), heldout, figures))
-        write_summary(output_dir, "dpo", {"model": model_path, "data": vars(script_args),
-                                          "training": training_args.to_dict(), "lora": model_args.use_peft, **figures})
-    trainer.accelerator.print(f"Chat model written to {output_dir}")
-    if hasattr(trainer, "end"):
-        trainer.end()
+    figures = {"before": before, "after": after, "rewards": rewards, **trained}
+    rows = _card_rows(script_args, training_args, model_args, len(train_dataset), heldout, figures)
+    finish(trainer, tokenizer, "dpo", "Preference optimisation (DPO)", rows, figures, base_card,
+           script_args, training_args, model_args)
     return figures
 
 
-def _card_rows(model_path, script_args, training_args, model_args, n_train, heldout, figures) -> dict:
+def _card_rows(script_args, training_args, model_args, n_train, heldout, figures) -> dict:
     before, after, rewards = figures["before"], figures["after"], figures["rewards"]
-    rows = {
-        "stage": f"direct preference optimisation with TRL DPOTrainer ({', '.join(training_args.loss_type)} loss, "
-                 f"beta {training_args.beta}); reference = the starting weights",
-        "started from": model_path,
-        "data": f"{script_args.dataset_name} ({script_args.dataset_split}): {n_train} pairs for training, "
-                f"{0 if heldout is None else len(heldout)} held out",
-        "steps": figures["steps"],
-        "learning rate, batch": f"{training_args.learning_rate:g}, {training_args.per_device_train_batch_size} x "
-                                f"{training_args.gradient_accumulation_steps} x {training_args.world_size} "
-                                f"(max_length {training_args.max_length})",
-        "LoRA": f"r={model_args.lora_r}, alpha={model_args.lora_alpha} (merged)" if model_args.use_peft else "no",
-        "mean training loss": figures["train_loss"],
-    }
+    stage = (f"direct preference optimisation with TRL DPOTrainer ({', '.join(training_args.loss_type)} loss, "
+             f"beta {training_args.beta}); reference = the starting weights")
+    rows = card_rows(stage, "pairs", script_args, training_args, model_args, n_train, heldout, figures)
     if before:
         rows["held-out preference accuracy (chosen more likely), before -> after"] = (
             f"{before['accuracy']:.1%} ± {before['accuracy_se']:.1%} -> {after['accuracy']:.1%} ± "
@@ -301,13 +249,7 @@ def _card_rows(model_path, script_args, training_args, model_args, n_train, held
 
 
 def main(argv: list[str] | None = None) -> int:
-    script_args, training_args, model_args = parse_command_line(make_parser(), argv)
-    try:
-        run(script_args, training_args, model_args)
-    except InputError as err:
-        print(f"iterative-llm dpo: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script(make_parser(), run, argv)
 
 
 if __name__ == "__main__":

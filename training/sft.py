@@ -16,34 +16,22 @@ The shape of TRL's own `trl/scripts/sft.py`: dataclass arguments parsed by `TrlP
 - evaluation before and after on held-out conversations: the loss on the replies, and the share of
   held-out prompts whose greedy reply ends its turn with `<|end|>`;
 - a Hugging Face model folder with tokenizer, chat template, a generation config that stops at the
-  end of the turn, and a model card section with the stage, data, steps and figures.
+  end of the turn (`training/model_folder.py`), and a model card section with the stage, data, steps
+  and figures.
+The steps of `run()` and `main()` that `training/dpo.py` shares are in `training/alignment.py`.
 """
 
 from __future__ import annotations
 
-import sys
-import time
 from dataclasses import dataclass, field
 
 import torch
 import trl
 from trl import ModelConfig, SFTTrainer, TrlParser
 
-from training.alignment_data import (
-    DataArguments,
-    InputError,
-    default_output_dir,
-    end_of_turn_ids,
-    load_sft_dataset,
-    load_starting_model,
-    parse_command_line,
-    peft_config_from,
-    read_model_card,
-    resolve_device_defaults,
-    save_chat_model,
-    write_summary,
-)
-from training.model_card import append_model_card_section
+from training.alignment import DeviceDefaults, card_rows, finish, load_inputs, peft_config_from, run_script, timed_train
+from training.alignment_data import DataArguments, load_sft_dataset
+from training.model_folder import end_of_turn_ids
 
 
 @dataclass
@@ -71,24 +59,12 @@ class SFTScriptArguments(DataArguments):
 
 
 @dataclass
-class SFTConfig(trl.SFTConfig):
+class SFTConfig(DeviceDefaults, trl.SFTConfig):
     """TRL's SFTConfig with our defaults: packing and assistant-only loss on; bf16 and gradient
     checkpointing decided by the hardware unless set (see `resolve_device_defaults`)."""
 
     packing: bool = field(default=True, metadata={"help": "Pack conversations into max_length sequences."})
     assistant_only_loss: bool = field(default=True, metadata={"help": "Train on the assistant replies only."})
-    activation_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Recompute activations in backward to save memory (default: on a GPU only).",
-                                "nargs": "?", "const": True},
-    )
-    # TRL sets the deprecated alias to True; unset, it follows activation_checkpointing.
-    gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Deprecated alias of --activation_checkpointing.", "nargs": "?", "const": True}
-    )
-
-    def __post_init__(self):
-        resolve_device_defaults(self)
-        super().__post_init__()
 
 
 def make_parser() -> TrlParser:
@@ -186,52 +162,26 @@ def make_trainer(model, tokenizer, train_dataset, heldout, training_args: SFTCon
 
 def run(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict:
     """Fine-tune, evaluate before and after, and write the chat model folder. Returns the figures."""
-    try:  # the data first: its mistakes show in seconds, before the model loads
-        train_dataset, heldout = load_sft_dataset(script_args, seed=training_args.seed)
-        model, tokenizer = load_starting_model(model_args, training_args)
-    except (ValueError, OSError) as err:
-        raise InputError(str(err)) from err
-    model_path = model_args.model_name_or_path
-    default_output_dir(training_args, model_path, "sft")
-    base_card = read_model_card(model_path)
+    train_dataset, heldout, model, tokenizer, base_card = load_inputs(
+        "sft", load_sft_dataset, script_args, training_args, model_args)
     trainer = make_trainer(model, tokenizer, train_dataset, heldout, training_args, peft_config_from(model_args))
 
     before = evaluate(trainer, tokenizer, heldout, script_args)
-    start = time.time()
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    seconds = time.time() - start
+    trained = timed_train(trainer, training_args)
     after = evaluate(trainer, tokenizer, heldout, script_args)
 
-    output_dir = training_args.output_dir
-    save_chat_model(trainer, tokenizer, output_dir, base_card)
-    figures = {"before": before, "after": after, "train_loss": result.training_loss,
-               "steps": result.global_step, "train_seconds": seconds}
-    if trainer.accelerator.is_main_process:
-        append_model_card_section(output_dir, "Supervised fine-tuning (SFT)", _card_rows(
-            model_path, script_args, training_args, model_args, len(train_dataset), heldout, figures))
-        write_summary(output_dir, "sft", {"model": model_path, "data": vars(script_args),
-                                          "training": training_args.to_dict(), "lora": model_args.use_peft, **figures})
-    trainer.accelerator.print(f"Chat model written to {output_dir}")
-    if hasattr(trainer, "end"):
-        trainer.end()  # finish trackers, destroy the process group (transformers >= 5.18)
+    figures = {"before": before, "after": after, **trained}
+    rows = _card_rows(script_args, training_args, model_args, len(train_dataset), heldout, figures)
+    finish(trainer, tokenizer, "sft", "Supervised fine-tuning (SFT)", rows, figures, base_card,
+           script_args, training_args, model_args)
     return figures
 
 
-def _card_rows(model_path, script_args, training_args, model_args, n_train, heldout, figures) -> dict:
+def _card_rows(script_args, training_args, model_args, n_train, heldout, figures) -> dict:
     before, after = figures["before"], figures["after"]
-    rows = {
-        "stage": "supervised fine-tuning with TRL SFTTrainer (loss on assistant replies only"
-                 + (", packed" if training_args.packing else "") + ")",
-        "started from": model_path,
-        "data": f"{script_args.dataset_name} ({script_args.dataset_split}): {n_train} conversations for training, "
-                f"{0 if heldout is None else len(heldout)} held out",
-        "steps": figures["steps"],
-        "learning rate, batch": f"{training_args.learning_rate:g}, {training_args.per_device_train_batch_size} x "
-                                f"{training_args.gradient_accumulation_steps} x {training_args.world_size} "
-                                f"(max_length {training_args.max_length})",
-        "LoRA": f"r={model_args.lora_r}, alpha={model_args.lora_alpha} (merged)" if model_args.use_peft else "no",
-        "mean training loss": figures["train_loss"],
-    }
+    stage = ("supervised fine-tuning with TRL SFTTrainer (loss on assistant replies only"
+             + (", packed" if training_args.packing else "") + ")")
+    rows = card_rows(stage, "conversations", script_args, training_args, model_args, n_train, heldout, figures)
     if before:
         rows["held-out loss (reply tokens), before -> after"] = f"{before['heldout_loss']:.4f} -> {after['heldout_loss']:.4f}"
     if "end_of_turn_share" in after:
@@ -244,13 +194,7 @@ def _card_rows(model_path, script_args, training_args, model_args, n_train, held
 
 
 def main(argv: list[str] | None = None) -> int:
-    script_args, training_args, model_args = parse_command_line(make_parser(), argv)
-    try:
-        run(script_args, training_args, model_args)
-    except InputError as err:
-        print(f"iterative-llm sft: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script(make_parser(), run, argv)
 
 
 if __name__ == "__main__":
