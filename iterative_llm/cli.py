@@ -13,6 +13,7 @@ import sys
 
 # stage name -> (module, one-line help). Order is the order of the pipeline.
 STAGES: dict[str, tuple[str, str]] = {
+    "prepare": ("training.prepare", "tokenise a text source into train/val token shards, ahead of training"),
     "train": ("training.pretrain", "pretrain a model on text (tiny preset: minutes on a CPU)"),
     "generate": ("training.generate", "generate text from a run folder or model folder"),
     "sft": ("training.sft", "supervised fine-tuning on conversations (TRL SFTTrainer)"),

@@ -15,14 +15,24 @@ Why these choices:
   model to end its turn, and nothing else.
 - Encoding adds no special tokens: the data pipeline places `<|endoftext|>` between documents
   itself, and the chat template writes its own.
+
+What the data pipeline needs to know of any fast tokenizer, ours or a hub one, lives here too:
+the boundary token it stores before every document (`boundary_token_id`), the hash that tells
+whether shards were made with it (`tokenizer_fingerprint`), the UTF-8 bytes per token id for bits
+per byte (`token_byte_lengths`), and an encoder that reads special-token strings as plain text
+(`plain_text_encoder`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Sized
 from typing import Any
 
+import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -242,3 +252,86 @@ def token_bytes(tokenizer: Any, ids: list[int]) -> list[bytes]:
         else:
             raws.append(tokenizer.decode([token_id]).encode("utf-8"))
     return raws
+
+
+# ---------------------------------------------------------------------------------------------
+# What the data pipeline needs to know of any fast tokenizer (ours or a hub one)
+# ---------------------------------------------------------------------------------------------
+
+
+def boundary_token_id(tokenizer) -> int:
+    """The token stored in front of every document: BOS if the tokenizer has one, else EOS."""
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise ValueError(
+        "the tokenizer has neither a BOS nor an EOS token, so documents cannot be separated. "
+        "Give it one, e.g. tokenizer.bos_token = '<|endoftext|>' (the token must be in the vocabulary)."
+    )
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the parts of the tokenizer's JSON that decide which ids a text gets.
+
+    Post-processor, decoder, padding and truncation are left out: shards are encoded without them,
+    and transformers rewrites some of them when it reloads a saved tokenizer.
+    """
+    state = json.loads(_backend(tokenizer).to_str())
+    relevant = {key: state.get(key) for key in ("added_tokens", "normalizer", "pre_tokenizer", "model")}
+    blob = json.dumps(relevant, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _backend(tokenizer):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(f"expected a fast (Rust-backed) tokenizer, got {type(tokenizer).__name__}")
+    return backend
+
+
+def plain_text_encoder(tokenizer):
+    """A private copy of the Rust tokenizer that reads special-token strings as ordinary text."""
+    encoder = Tokenizer.from_str(_backend(tokenizer).to_str())
+    encoder.no_truncation()  # a tokenizer saved with truncation on would silently cut documents
+    encoder.no_padding()
+    encoder.encode_special_tokens = True
+    return encoder
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """For each token id, how many UTF-8 bytes it stands for (0 for special tokens), int64.
+
+    Summed over a text's tokens this gives the text's length in bytes, which turns a loss in nats
+    per token into bits per byte, comparable across tokenizers. In a byte-level BPE every character
+    of a token's string is one byte of the GPT-2 byte alphabet, so counting characters counts bytes,
+    including tokens that hold only part of a multi-byte character. Other tokenizers get an
+    estimate: SentencePiece "<0xNN>" pieces are one byte and "▁" is a space.
+    """
+    size = len(tokenizer)
+    lengths = np.zeros(size, dtype=np.int64)
+    added = tokenizer.added_tokens_decoder  # id -> AddedToken
+    special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
+    alphabet = byte_level_alphabet()
+    byte_level = _uses_component(json.loads(_backend(tokenizer).to_str()).get("decoder"), "ByteLevel")
+    pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
+    for token_id, piece in enumerate(pieces):
+        if token_id in special or piece is None:
+            continue
+        if token_id in added:  # added tokens match raw text, not byte-alphabet strings
+            lengths[token_id] = len(piece.encode("utf-8"))
+        elif byte_level and all(ch in alphabet for ch in piece):
+            lengths[token_id] = len(piece)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            lengths[token_id] = 1
+        else:
+            lengths[token_id] = len(piece.replace("\u2581", " ").encode("utf-8"))
+    return lengths
+
+
+def _uses_component(node: Any, type_name: str) -> bool:
+    """Whether a tokenizer JSON component (possibly a Sequence of them) includes `type_name`."""
+    if isinstance(node, dict):
+        return node.get("type") == type_name or any(_uses_component(v, type_name) for v in node.values())
+    if isinstance(node, list):
+        return any(_uses_component(v, type_name) for v in node)
+    return False

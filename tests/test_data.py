@@ -1,4 +1,5 @@
-"""Tests for training/data.py: sources -> documents -> shards -> batches.
+"""Tests for the data side: sources -> documents -> shards -> batches (training/sources.py,
+prepare.py, shards.py and batches.py).
 
 Every test builds its own small corpus in tmp_path; nothing needs the network.
 """
@@ -16,16 +17,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from training import data
-from training.data import (
-    RandomWindowBatches,
-    ShardedDataset,
-    iter_documents,
-    iter_eval_batches,
-    prepare_shards,
-    token_byte_lengths,
-    tokenizer_fingerprint,
-)
+from iterative_llm.tokenization import token_byte_lengths, tokenizer_fingerprint
+from training import prepare as data  # the prepare stage: its batching, its manifest name, its command line
+from training.batches import RandomWindowBatches, iter_eval_batches
+from training.prepare import prepare_shards
+from training.shards import ShardedDataset
+from training.sources import iter_documents
 
 # Hand-written documents that tend to break round trips, then plain generated ones so that the
 # hash split has enough documents to put some in validation.

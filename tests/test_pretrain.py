@@ -16,12 +16,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from iterative_llm.tokenization import token_byte_lengths
 from training import checkpoint as checkpoint_module
+from training.batches import RandomWindowBatches
 from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import build_config, parse_args
-from training.data import RandomWindowBatches, ShardedDataset, token_byte_lengths
 from training.evaluate import evaluate, flops_per_token
 from training.pretrain import TrainingError, train
+from training.shards import ShardedDataset
 
 from .conftest import process_alive, run_process_tree, tiny_config, tiny_model
 

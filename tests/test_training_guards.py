@@ -88,7 +88,8 @@ def test_a_time_budget_is_training_time_with_compilation_before_the_clock(tmp_pa
 def test_validation_attends_within_documents_when_training_does(tmp_path, text_dir):  # noqa: F811
     """With document_masking, training's batches restart positions at every document (so attention
     stays inside it); validation must score the same way, or its loss measures another model."""
-    from training.data import ShardedDataset, iter_eval_batches
+    from training.batches import iter_eval_batches
+    from training.shards import ShardedDataset
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "run"

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .data import iter_documents
 from .multiple_choice import HELLASWAG_REFERENCES, HellaSwagError, load_items, model_max_length, score_hellaswag
+from .sources import iter_documents
 
 
 class EvalInputError(ValueError):

@@ -13,7 +13,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .data import TokenSplit, iter_eval_batches
+from .batches import iter_eval_batches
+from .shards import TokenSplit
 
 
 @torch.no_grad()

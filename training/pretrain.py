@@ -36,16 +36,18 @@ import torch
 import yaml
 
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM
-from iterative_llm.tokenization import check_tokenizer_matches_model, load_tokenizer, train_tokenizer
+from iterative_llm.tokenization import check_tokenizer_matches_model, load_tokenizer, token_byte_lengths, train_tokenizer
 
+from .batches import RandomWindowBatches
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RESUME_MAY_CHANGE, TrainConfig, parse_args, to_dict
-from .data import (RandomWindowBatches, ShardedDataset, ShardSettingsError, iter_documents, prepare_shards,
-                   token_byte_lengths)
 from .evaluate import evaluate, flops_per_token, peak_flops, sample
 from .export import export_model_folder, package_versions
 from .multiple_choice import hellaswag_in_run
 from .optim import apply_lr, apply_muon_momentum, build_optimizers, lr_multiplier, muon_momentum
+from .prepare import ShardSettingsError, prepare_shards
+from .shards import ShardedDataset
+from .sources import iter_documents
 
 
 class TrainingError(RuntimeError):

@@ -1,0 +1,442 @@
+"""The prepare stage: text -> tokenizer -> token shards, run once ahead of training.
+
+    prepare_shards(source, tok, out)    tokenise once into compact shards, split train/val by document
+    iterative-llm prepare SOURCE OUT_DIR --tokenizer TOK   the same from the command line
+                                        (also `python -m training.prepare`)
+
+The shards are written in the format that training/shards.py describes and reads.
+
+Notable choices:
+- Text is tokenised as plain text: a document that contains the string "<|endoftext|>" or a chat
+  role marker gets ordinary tokens for it, never the control token (tiktoken's `encode_ordinary`).
+- The train/validation split is by document and depends only on each document's text (a blake2b
+  hash below `val_fraction`), so it is the same whatever the source format or order, and repeated
+  documents never leak across it. A source of only a few documents (a folder of books), which a
+  split by document would leave with no validation text or a whole book of it, instead holds out
+  the last `val_fraction` of every document, cut at a paragraph break; this is said when it happens.
+- The shard folder is resumable: shards are written atomically, the manifest is rewritten after
+  every shard as a consistent checkpoint, and a re-run with the same settings reuses the finished
+  work instead of tokenising again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from iterative_llm.tokenization import boundary_token_id, plain_text_encoder, tokenizer_fingerprint
+
+from .shards import FORMAT_VERSION, MANIFEST, SPLITS, ShardedDataset, read_manifest
+from .sources import BUILTIN_PYTHON_DOCS, describe_source, iter_documents
+
+# How much text goes to the tokenizer at once: enough for the Rust backend to keep every core busy,
+# small enough that memory stays flat and the progress bar moves.
+_BATCH_CHARS = 2_000_000
+_BATCH_DOCS = 2048
+
+
+def prepare_shards(
+    source: str,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    *,
+    text_column: str = "text",
+    doc_separator: str | None = None,
+    val_source: str | None = None,
+    val_fraction: float = 0.02,
+    shard_tokens: int = 50_000_000,
+    max_documents: int | None = None,
+    max_tokens: int | None = None,
+    progress: bool = True,
+) -> "ShardedDataset":
+    """Tokenise `source` into train/val shards in `out_dir` and return them opened.
+
+    Without `val_source`, a document goes to validation iff blake2b(text) < val_fraction; with it,
+    every document of `val_source` is validation and every document of `source` is training.
+    `max_documents` and `max_tokens` (boundary tokens included) cap what is read from each source.
+    A finished `out_dir` made with the same settings is reused; an interrupted one is resumed.
+    """
+    if val_source is None and not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    out = Path(out_dir)
+    boundary = boundary_token_id(tokenizer)
+    vocab_size = len(tokenizer)
+    dtype = _storage_dtype(vocab_size)
+    settings = {
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "vocab_size": vocab_size,
+        "boundary_token_id": boundary,
+        "dtype": dtype.name,
+        "source": describe_source(source, text_column, doc_separator),
+        "val_source": None if val_source is None else describe_source(val_source, text_column, doc_separator),
+        "split_rule": "val_source" if val_source is not None else "blake2b-64(utf8(text)) < val_fraction",
+        "val_fraction": None if val_source is not None else val_fraction,
+        "max_documents": max_documents,
+        "max_tokens": max_tokens,
+    }
+    # One stream per source: (manifest key, source, the split it goes to, or None to split by hash).
+    streams = [("source", source, "train" if val_source is not None else None)]
+    if val_source is not None:
+        streams.append(("val_source", val_source, "val"))
+
+    manifest = read_manifest(out) if (out / MANIFEST).exists() else None
+    if manifest is not None:
+        _check_same_settings(out, manifest, settings)
+        if manifest["complete"]:
+            dataset = ShardedDataset(out, manifest)
+            _say(progress, f"reusing the finished shards in {out} ({dataset.summary()}); nothing to tokenise")
+            return dataset
+        done = {s: len(manifest["splits"][s]["shards"]) for s in SPLITS}
+        _say(progress, f"resuming the unfinished shards in {out} (train: {done['train']}, val: {done['val']} shards done)")
+    else:
+        manifest = {
+            "format": "iterative-llm token shards",
+            "format_version": FORMAT_VERSION,
+            "complete": False,
+            "dtype": dtype.name,
+            "byte_order": "little",
+            "vocab_size": vocab_size,
+            "boundary_token_id": boundary,
+            "tokenizer_fingerprint": settings["tokenizer_fingerprint"],
+            "settings": settings,
+            "paths": {"source": source, "val_source": val_source},  # for people; not compared
+            "shard_tokens": shard_tokens,
+            "versions": _versions(),
+            "progress": {key: {"documents_read": 0, "tokens": 0, "done": False} for key, _, _ in streams},
+            "splits": {s: {"num_tokens": 0, "num_documents": 0, "num_bytes": 0, "shards": []} for s in SPLITS},
+        }
+    manifest["shard_tokens"] = shard_tokens  # may differ on a resume; a shard's size is its own
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_unlisted_files(out, manifest)
+
+    writers = {s: _ShardWriter(out, s, dtype, manifest["splits"][s]) for s in SPLITS}
+
+    def checkpoint() -> None:
+        # Close every open shard, then record how far each source has been read: the manifest on
+        # disk always describes a state in which each stream's first documents_read are all stored.
+        for writer in writers.values():
+            writer.commit()
+        _write_json(out / MANIFEST, manifest)
+
+    encoder = plain_text_encoder(tokenizer)
+    started = time.perf_counter()
+    new_tokens = 0
+
+    def tokenise() -> None:
+        nonlocal new_tokens
+        tails = manifest.get("held_out_tails", False)
+        try:
+            for key, stream_source, forced_split in streams:
+                state = manifest["progress"][key]
+                if max_tokens is not None and state["tokens"] >= max_tokens:
+                    state["done"] = True
+                if state["done"]:
+                    continue
+                documents = iter_documents(stream_source, text_column=text_column,
+                                           doc_separator=doc_separator, max_documents=max_documents)
+                # Resuming: the first documents_read are already in committed shards.
+                documents = itertools.islice(documents, state["documents_read"], None)
+                pieces = _pieces(documents, forced_split, val_fraction, tails)
+                bar = _progress_bar(progress, f"tokenising {stream_source}", state["tokens"])
+                for batch in _batched_texts(pieces):
+                    encoded = _encode_batch(encoder, [text for text, _, _ in batch])
+                    for (text, split, document_ends), ids in zip(batch, encoded):
+                        document = np.empty(len(ids) + 1, dtype=np.int64)
+                        document[0] = boundary
+                        document[1:] = ids
+                        writers[split].add(document, len(text.encode("utf-8")), vocab_size)
+                        state["tokens"] += len(document)
+                        new_tokens += len(document)
+                        if not document_ends:
+                            continue  # the held-out tail of this document follows
+                        state["documents_read"] += 1
+                        if max_tokens is not None and state["tokens"] >= max_tokens:
+                            break
+                        if writers[split].open_tokens >= shard_tokens:
+                            checkpoint()
+                    if bar is not None:
+                        bar.update(state["tokens"] - bar.n)
+                        bar.set_postfix(docs=state["documents_read"], refresh=False)
+                    if max_tokens is not None and state["tokens"] >= max_tokens:
+                        break
+                if bar is not None:
+                    bar.close()
+                state["done"] = True
+                checkpoint()
+        finally:
+            for writer in writers.values():
+                writer.discard()  # an interrupted shard is dropped; the last checkpoint stands
+
+    tokenise()
+    documents = manifest["progress"]["source"]["documents_read"]
+    val_tokens, all_tokens = (manifest["splits"]["val"]["num_tokens"],
+                              sum(manifest["splits"][s]["num_tokens"] for s in SPLITS))
+    if val_source is None and not manifest.get("held_out_tails") and (
+            documents * val_fraction < 1 or val_tokens < all_tokens * val_fraction / 4):
+        # A few large documents (a folder of books) cannot be split by document: validation would
+        # get nothing, or a whole book. Hold out the end of every document instead.
+        note = (f"{source} holds {documents} document{'s' * (documents != 1)}, too few to hold out "
+                f"{val_fraction:.0%} of the text as whole documents, so the last {val_fraction:.0%} of each "
+                "document (cut at a paragraph or line break) is the validation split")
+        print(f"note: {note}", file=sys.stderr, flush=True)
+        _remove_outputs(out, manifest)
+        manifest["held_out_tails"] = note
+        manifest["progress"] = {key: {"documents_read": 0, "tokens": 0, "done": False} for key, _, _ in streams}
+        manifest["splits"] = {s: {"num_tokens": 0, "num_documents": 0, "num_bytes": 0, "shards": []} for s in SPLITS}
+        writers = {s: _ShardWriter(out, s, dtype, manifest["splits"][s]) for s in SPLITS}
+        tokenise()
+
+    empty = [s for s in SPLITS if manifest["splits"][s]["num_documents"] == 0]
+    if empty:
+        total = sum(manifest["splits"][s]["num_documents"] for s in SPLITS)
+        _remove_outputs(out, manifest)
+        if "val" in empty:
+            raise ValueError(
+                f"the validation split came out empty: none of the {total} documents of {source} "
+                f"hashed below --val_fraction {val_fraction}. The split is by whole document, so give "
+                "it more documents: pass --val_data with held-out text, a --doc_separator that cuts "
+                "the text into many documents, or more files or records."
+            )
+        raise ValueError(f"the train split came out empty: all {total} documents went to validation; "
+                         "lower --val_fraction or add documents")
+    manifest["complete"] = True
+    _write_json(out / MANIFEST, manifest)
+    dataset = ShardedDataset(out, manifest)
+    seconds = time.perf_counter() - started
+    _say(progress, f"wrote {out}: {dataset.summary()}; "
+                   f"{new_tokens / max(seconds, 1e-9):,.0f} tokens/s over {seconds:.1f} s")
+    return dataset
+
+
+def _storage_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def _in_validation(text_utf8: bytes, val_fraction: float) -> bool:
+    digest = hashlib.blake2b(text_utf8, digest_size=8).digest()
+    return int.from_bytes(digest, "big") < val_fraction * 2**64
+
+
+def _pieces(documents: Iterable[str], forced_split: str | None, val_fraction: float,
+            tails: bool) -> Iterator[tuple[str, str, bool]]:
+    """(text, split, whether the document ends here) for each document, or for its two parts when
+    the end of every document is held out for validation (`tails`)."""
+    for text in documents:
+        if forced_split is not None:
+            yield text, forced_split, True
+        elif tails:
+            head, tail = _split_tail(text, val_fraction)
+            if tail.strip():
+                yield head, "train", False
+                yield tail, "val", True
+            else:
+                yield text, "train", True
+        else:
+            yield text, "val" if _in_validation(text.encode("utf-8"), val_fraction) else "train", True
+
+
+def _split_tail(text: str, fraction: float) -> tuple[str, str]:
+    """`text` cut about `fraction` of its length before the end: at a paragraph break near that
+    point if there is one, else a line break, else a space, else exactly there."""
+    cut = round(len(text) * (1 - fraction))
+    window = max(1, round(len(text) * fraction / 2))
+    for separator in ("\n\n", "\n", " "):
+        before = text.rfind(separator, max(1, cut - window), cut)
+        after = text.find(separator, cut, min(len(text), cut + window))
+        found = [at for at in (before, after) if at > 0]
+        if found:
+            at = min(found, key=lambda at: abs(at - cut)) + len(separator)
+            return text[:at], text[at:]
+    return text[:cut], text[cut:]
+
+
+def _batched_texts(pieces: Iterable[tuple]) -> Iterator[list[tuple]]:
+    """Groups of (text, ...) items, for the tokenizer to encode at once."""
+    batch, chars = [], 0
+    for item in pieces:
+        batch.append(item)
+        chars += len(item[0])
+        if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _encode_batch(encoder, texts: list[str]) -> list[list[int]]:
+    # encode_batch_fast skips the character offsets we never use; both run on all cores.
+    encode = getattr(encoder, "encode_batch_fast", encoder.encode_batch)
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+
+class _ShardWriter:
+    """Appends documents to one split's open shard; commit() turns it into a finished shard."""
+
+    def __init__(self, out: Path, split: str, dtype: np.dtype, entry: dict):
+        self.out, self.split, self.dtype, self.entry = out, split, dtype, entry
+        self._file = None
+
+    @property
+    def open_tokens(self) -> int:
+        return self._offsets[-1] if self._file is not None else 0
+
+    def add(self, document: np.ndarray, num_bytes: int, vocab_size: int) -> None:
+        if int(document.max()) >= vocab_size:  # would wrap around silently in uint16
+            raise ValueError(f"token id {int(document.max())} is outside the vocabulary of {vocab_size}")
+        if self._file is None:
+            self._name = f"{self.split}-{len(self.entry['shards']):05d}"
+            self._tmp = self.out / f"{self._name}.bin.tmp"
+            self._file = open(self._tmp, "wb")
+            self._offsets, self._bytes = [0], 0
+        self._file.write(document.astype(self.dtype).tobytes())
+        self._offsets.append(self._offsets[-1] + len(document))
+        self._bytes += num_bytes
+
+    def commit(self) -> None:
+        if self._file is None:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        offsets = np.asarray(self._offsets, dtype=np.int64)
+        offsets_tmp = self.out / f"{self._name}.offsets.npy.tmp"
+        with open(offsets_tmp, "wb") as f:
+            np.save(f, offsets)
+        os.replace(offsets_tmp, self.out / f"{self._name}.offsets.npy")
+        os.replace(self._tmp, self.out / f"{self._name}.bin")
+        shard = {
+            "file": f"{self._name}.bin",
+            "offsets": f"{self._name}.offsets.npy",
+            "num_tokens": int(offsets[-1]),
+            "num_documents": len(offsets) - 1,
+            "num_bytes": self._bytes,
+        }
+        self.entry["shards"].append(shard)
+        for key in ("num_tokens", "num_documents", "num_bytes"):
+            self.entry[key] += shard[key]
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._tmp.unlink(missing_ok=True)
+
+
+_SHARD_FILE = re.compile(r"(train|val)-\d{5}\.(bin|offsets\.npy)(\.tmp)?$")
+
+
+def _remove_unlisted_files(out: Path, manifest: dict) -> None:
+    """Delete shard files a crash left behind that the manifest does not list."""
+    listed = {name for s in SPLITS for shard in manifest["splits"][s]["shards"]
+              for name in (shard["file"], shard["offsets"])}
+    for path in out.iterdir():
+        if (_SHARD_FILE.match(path.name) and path.name not in listed) or path.name == MANIFEST + ".tmp":
+            path.unlink()
+
+
+def _remove_outputs(out: Path, manifest: dict) -> None:
+    for s in SPLITS:
+        for shard in manifest["splits"][s]["shards"]:
+            (out / shard["file"]).unlink(missing_ok=True)
+            (out / shard["offsets"]).unlink(missing_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+
+
+class ShardSettingsError(ValueError):
+    """A shard folder holds shards made from another source or with other settings."""
+
+    def __init__(self, message: str, out: Path, manifest: dict, differences: list[str]):
+        super().__init__(message)
+        self.out, self.manifest, self.differences = out, manifest, differences
+
+
+def _check_same_settings(out: Path, manifest: dict, settings: dict) -> None:
+    old = manifest.get("settings", {})
+    differences = [f"{key}: {old.get(key)!r} there, {settings[key]!r} now"
+                   for key in settings if old.get(key) != settings[key]]
+    if differences:
+        raise ShardSettingsError(
+            f"{out} already holds shards prepared with different settings ("
+            + "; ".join(differences)
+            + f"). Prepare them in another folder (train: --data_cache, or another --out), or delete {out} "
+            "to prepare it again.",
+            out, manifest, differences,
+        )
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _versions() -> dict:
+    import tokenizers
+
+    return {"python": sys.version.split()[0], "numpy": np.__version__, "tokenizers": tokenizers.__version__}
+
+
+def _progress_bar(enabled: bool, description: str, initial: int):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(desc=description, unit="tok", unit_scale=True, initial=initial, dynamic_ncols=True)
+
+
+def _say(enabled: bool, message: str) -> None:
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: prepare a shard folder ahead of training
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="iterative-llm prepare", allow_abbrev=False, description=(
+        "Tokenise a text source into train/val shards (reused when already there)."))
+    parser.add_argument("source", help=f"{BUILTIN_PYTHON_DOCS}, a file or folder, or a hub dataset NAME[:CONFIG][@SPLIT]")
+    parser.add_argument("out_dir", metavar="OUT_DIR")
+    # The names `iterative-llm train` uses, with underscores; the dashed spellings are aliases.
+    parser.add_argument("--tokenizer", required=True, help="a folder saved with save_pretrained")
+    parser.add_argument("--text_column", "--text-column", default="text")
+    parser.add_argument("--doc_separator", "--doc-separator", default=None)
+    parser.add_argument("--val_data", "--val-data", default=None, help="a separate validation source")
+    parser.add_argument("--val_fraction", "--val-fraction", type=float, default=0.02)
+    parser.add_argument("--shard_tokens", "--shard-tokens", type=int, default=50_000_000)
+    parser.add_argument("--max_documents", "--max-documents", type=int, default=None)
+    parser.add_argument("--max_tokens", "--max-tokens", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    dataset = prepare_shards(args.source, tokenizer, args.out_dir, text_column=args.text_column,
+                             doc_separator=args.doc_separator, val_source=args.val_data,
+                             val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+                             max_documents=args.max_documents, max_tokens=args.max_tokens)
+    print(dataset)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
