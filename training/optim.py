@@ -8,7 +8,8 @@ What is here, top to bottom:
   modded-nanogpt speedrun records and is nanochat's optimiser for the transformer matrices.
 - `build_optimizers`: splits a model's parameters by module type into Muon (hidden matrices)
   and AdamW (embedding, output head, 1-D params), or one AdamW for everything (the baseline).
-- `lr_multiplier` / `apply_lr`: warmup-stable-decay (the speedrun's trapezoid) or cosine.
+- `lr_multiplier` / `apply_lr`: warmup by steps, then warmup-stable-decay (the speedrun's
+  trapezoid) or cosine over the fraction of the budget done.
 - `muon_momentum`: modded-nanogpt's momentum warmup for Muon.
 - `optimizer_state_dicts` / `load_optimizer_state_dicts`: checkpoint the list of optimisers.
 
@@ -374,60 +375,50 @@ SCHEDULE_SHAPES = ("wsd", "cosine")
 
 def lr_multiplier(
     step: int,
-    total_steps: int,
+    warmup_steps: int,
+    progress: float,
     *,
-    warmup_steps: int = 0,
     cooldown_fraction: float = 0.4,
     final_ratio: float = 0.0,
     shape: str = "wsd",
 ) -> float:
-    """The factor that multiplies each group's initial_lr after `step` optimiser steps.
+    """The factor that multiplies each group's initial_lr at optimiser step `step` (from 0), when
+    `progress` of the budget is done (0 -> 1: steps, tokens or seconds, whichever ends the run).
 
-    `step` runs from 0 to `total_steps`; the warmup's first step gets 1/warmup_steps (not 0,
-    which would waste a step), and step == total_steps gives exactly `final_ratio` (unless
-    "wsd" has no cool-down at all, cooldown_fraction 0, which stays at 1).
+    The warmup counts steps: step s < `warmup_steps` gets (s + 1) / warmup_steps (the first step
+    1/warmup_steps, not 0, which would waste a step). After it, the shape follows `progress`, so a
+    token or wall-clock budget still ends with its cool-down; the warmup steps are part of the
+    budget, and the shape does not restart after them. progress 1 gives exactly `final_ratio`
+    (unless "wsd" has no cool-down at all, cooldown_fraction 0, which stays at 1).
 
-    "wsd" (warmup-stable-decay): linear warmup, constant 1, then a linear cool-down over the
-    last `cooldown_fraction` of the steps to `final_ratio`. This is modded-nanogpt's trapezoid
-    and nanochat's schedule (both cool down over the last 40% or so); Hägele et al. 2024,
-    "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations", find it
-    matches cosine and lets a run be extended from any point of the stable phase.
-    "cosine": linear warmup, then half a cosine from 1 to `final_ratio` (the GPT-3 / nanoGPT
+    "wsd" (warmup-stable-decay): constant 1, then a linear cool-down over the last
+    `cooldown_fraction` of the budget to `final_ratio`. This is modded-nanogpt's trapezoid and
+    nanochat's schedule (both cool down over the last 40% or so); Hägele et al. 2024, "Scaling
+    Laws and Compute-Optimal Training Beyond Fixed Training Durations", find it matches cosine
+    and lets a run be extended from any point of the stable phase.
+    "cosine": half a cosine over the budget, from 1 to `final_ratio` (the GPT-3 / nanoGPT
     baseline, which uses final_ratio 0.1).
     """
     if shape not in SCHEDULE_SHAPES:
         raise ValueError(f"unknown schedule shape {shape!r}; choose one of {SCHEDULE_SHAPES}")
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    if not 0 <= step <= total_steps:
-        raise ValueError(f"step must be in [0, total_steps={total_steps}], got {step}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if not 0.0 <= progress <= 1.0:
+        raise ValueError(f"progress must be in [0, 1], got {progress}")
     if not 0.0 <= cooldown_fraction <= 1.0:
         raise ValueError(f"cooldown_fraction must be in [0, 1], got {cooldown_fraction}")
     if not 0.0 <= final_ratio <= 1.0:
         raise ValueError(f"final_ratio must be in [0, 1], got {final_ratio}")
 
-    if shape == "wsd":
-        cooldown_steps = round(cooldown_fraction * total_steps)
-        if warmup_steps + cooldown_steps > total_steps:
-            raise ValueError(
-                f"warmup_steps ({warmup_steps}) + cool-down steps ({cooldown_steps} = "
-                f"{cooldown_fraction} * {total_steps}) exceed total_steps ({total_steps})"
-            )
-    elif warmup_steps > total_steps:
-        raise ValueError(f"warmup_steps ({warmup_steps}) exceed total_steps ({total_steps})")
-
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if shape == "wsd":
-        if step < total_steps - cooldown_steps or cooldown_steps == 0:
+        if cooldown_fraction == 0.0 or progress < 1.0 - cooldown_fraction:
             return 1.0
-        left = (total_steps - step) / cooldown_steps  # 1 at the start of the cool-down, 0 at end
+        left = (1.0 - progress) / cooldown_fraction  # 1 at the start of the cool-down, 0 at the end
         return final_ratio + (1.0 - final_ratio) * left
-    if total_steps == warmup_steps:
-        return final_ratio
-    progress = (step - warmup_steps) / (total_steps - warmup_steps)  # 0 -> 1
     return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

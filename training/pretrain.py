@@ -312,7 +312,9 @@ def train(config: TrainConfig, model_factory=None) -> dict:
     try:
         while progress_fraction() < 1.0:
             step_start = time.perf_counter()
-            multiplier = _lr_schedule(config, state["step"], progress_fraction())
+            multiplier = lr_multiplier(state["step"], config.warmup_steps, progress_fraction(),
+                                       cooldown_fraction=config.cooldown_fraction, final_ratio=config.final_lr_ratio,
+                                       shape=config.schedule)
             apply_lr(optimizers, multiplier)
             if config.optimizer == "muon":
                 apply_muon_momentum(optimizers, muon_momentum(state["step"], warmup_steps=config.muon_momentum_warmup_steps))
@@ -650,17 +652,6 @@ def _limited(documents, max_chars: int):
 
 def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
-
-
-def _lr_schedule(config: TrainConfig, step: int, progress: float) -> float:
-    """The learning-rate multiplier: warmup by steps, then the shape over the fraction of the budget."""
-    resolution = 1_000_000  # progress as a step count for optim.lr_multiplier
-    if config.warmup_steps and step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    return lr_multiplier(
-        round(progress * resolution), resolution, cooldown_fraction=config.cooldown_fraction,
-        final_ratio=config.final_lr_ratio, shape=config.schedule,
-    )
 
 
 def _check_resume_settings(state: dict, config: TrainConfig, tokens_per_step: int) -> None:
