@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.pretrain_recipe import gpt2_factory  # noqa: E402
-from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM  # noqa: E402
+from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM, run_folder  # noqa: E402
 from training.config import build_config, load_preset  # noqa: E402
 from training.evaluate import flops_per_token, peak_flops  # noqa: E402
 from training.optim import build_optimizers  # noqa: E402
@@ -136,7 +136,7 @@ def run_training(name: str, preset: str, train_dir: Path, val_file: Path, work: 
     start = time.perf_counter()
     summary = train(build_config(values), model_factory=model_factory)
     wall = time.perf_counter() - start
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (out / run_folder.METRICS).read_text().splitlines() if line.strip()]
     train_rows = [r for r in rows if r["kind"] == "train"]
     losses = [r["loss"] for r in train_rows]
     # The first logged window holds the first steps (cuBLAS/autotuning warm-up): speed from the others.

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
+from iterative_llm import run_folder  # noqa: E402
 from training.config import build_config, load_preset, merge  # noqa: E402
 from training.pretrain import train  # noqa: E402
 
@@ -70,7 +71,7 @@ def gpt2_factory(ours_config):
 
 
 def eval_rows(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (run / run_folder.METRICS).read_text().splitlines() if line.strip()]
     return [r for r in rows if r["kind"] == "eval"]
 
 
@@ -174,7 +175,7 @@ def budget_run(args, work: Path, data: str, val: str | None) -> dict:
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)
     wall = time.perf_counter() - start
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / run_folder.SUMMARY).read_text())
     print(f"\nbudget run: {wall:.1f} s wall-clock for the whole command ({summary['time']:.1f} s of training, "
           f"{summary['steps']} steps), final val bpb {summary['final_val_bpb']:.4f}")
     return {"wall": wall, **summary, "command": " ".join(command)}

@@ -18,6 +18,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from . import run_folder
+
 MISSING = "—"  # a field one run has and another does not
 # Fields that name or steer the run folder itself, not what is trained: always different, never news.
 BOOKKEEPING = {"train.out", "train.resume", "out", "resume"}
@@ -98,16 +100,16 @@ def read_run(path: str) -> Run:
     """A run folder's evaluation rows, config and summary; a clear error if there is nothing to plot."""
     if not os.path.isdir(path):
         raise CompareError(f"{path!r} is not a folder: give run folders, e.g. runs/NAME.")
-    metrics = os.path.join(path, "metrics.jsonl")
+    metrics = os.path.join(path, run_folder.METRICS)
     if not os.path.isfile(metrics):
         raise CompareError(
-            f"{path!r} has no metrics.jsonl: it is not a run folder written by `iterative-llm train`, "
+            f"{path!r} has no {run_folder.METRICS}: it is not a run folder written by `iterative-llm train`, "
             f"or the run has not logged anything yet."
         )
     evals, last_tokens, last_time = read_metrics(metrics)
     if not evals:
         raise CompareError(
-            f"{path!r} has no evaluation rows (kind \"eval\" with val_bpb) in metrics.jsonl: the run stopped "
+            f"{path!r} has no evaluation rows (kind \"eval\" with val_bpb) in {run_folder.METRICS}: the run stopped "
             f"before its first evaluation, so there is no validation loss to compare."
         )
     for row in evals:
@@ -116,7 +118,7 @@ def read_run(path: str) -> Run:
                 raise CompareError(f"{metrics}: an eval row (step {row.get('step')}) has no number for {key!r}.")
 
     config = {}
-    config_path = os.path.join(path, "run_config.yaml")
+    config_path = os.path.join(path, run_folder.RUN_CONFIG)
     if os.path.isfile(config_path):
         import yaml
 
@@ -129,16 +131,16 @@ def read_run(path: str) -> Run:
             raise CompareError(f"{config_path} does not hold a mapping of config fields.")
         config = _flatten(loaded)
     else:
-        print(f"note: {path!r} has no run_config.yaml; its config is left out of the table.", file=sys.stderr)
+        print(f"note: {path!r} has no {run_folder.RUN_CONFIG}; its config is left out of the table.", file=sys.stderr)
 
     summary = {}
-    summary_path = os.path.join(path, "summary.json")
+    summary_path = os.path.join(path, run_folder.SUMMARY)
     if os.path.isfile(summary_path):
         try:
             with open(summary_path, encoding="utf-8") as f:
                 summary = json.load(f)
         except ValueError:
-            print(f"note: {summary_path} is not valid JSON; final figures come from metrics.jsonl.", file=sys.stderr)
+            print(f"note: {summary_path} is not valid JSON; final figures come from {run_folder.METRICS}.", file=sys.stderr)
         if not isinstance(summary, dict):
             summary = {}
     return Run(path, "", evals, config, summary, last_tokens, last_time)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from iterative_llm import run_folder
+
 from .optim import load_optimizer_state_dicts, optimizer_state_dicts
 
 STATE_FILE = "trainer_state.json"
@@ -38,7 +40,7 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / run_folder.CHECKPOINTS
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -132,7 +134,7 @@ def load_checkpoint(path: Path, model, optimizers) -> dict[str, Any]:
     if differences:
         raise CheckpointError(
             f"Checkpoint {path} belongs to a different model ({'; '.join(differences)}). Resume with the settings "
-            f"the run was started with (see its run_config.yaml), or start a new run with another --out."
+            f"the run was started with (see its {run_folder.RUN_CONFIG}), or start a new run with another --out."
         )
 
     try:

@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from iterative_llm import run_folder
+
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
@@ -314,7 +316,7 @@ def resume_settings(out: Path, given: dict[str, Any]) -> dict[str, Any] | None:
     """The settings that continue the run in `out`: its own (OUT/run_config.yaml), plus those of
     `given` that leave the data order and the model alone (RESUME_MAY_CHANGE). Any other setting of
     `given` that differs from the run's is refused. None when the run folder has no run_config.yaml."""
-    saved_file = out / "run_config.yaml"
+    saved_file = out / run_folder.RUN_CONFIG
     if not saved_file.is_file():
         return None
     saved = load_yaml(saved_file).get("train")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from transformers import GenerationConfig
 
+from iterative_llm import run_folder
+
 TEMPLATE_NAME = "model_card.md"
 
 
@@ -36,7 +38,7 @@ def git_revision() -> str | None:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / run_folder.METRICS
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -108,8 +110,8 @@ def export_model_folder(out: str | Path, model, tokenizer, summary: dict) -> Non
         bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
         do_sample=True, temperature=0.8, top_k=50, max_new_tokens=min(128, model.config.max_position_embeddings // 2),
     ).save_pretrained(out)
-    has_curve = plot_loss_curve(out, out / "loss_curve.png")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    has_curve = plot_loss_curve(out, out / run_folder.LOSS_CURVE)
+    (out / run_folder.SUMMARY).write_text(json.dumps(summary, indent=2))
 
     rows = read_metrics(out)
     samples = [r for r in rows if r.get("kind") == "sample" and r["step"] == summary["steps"]]
@@ -128,7 +130,7 @@ def export_model_folder(out: str | Path, model, tokenizer, summary: dict) -> Non
             f"key-value heads, {getattr(config, 'mlp_type', 'gelu')} MLP, context {config.max_position_embeddings}, "
             f"vocabulary {config.vocab_size}, {'tied' if config.tie_word_embeddings else 'untied'} embeddings"
         ),
-        "loss_curve": "![loss curve](loss_curve.png)" if has_curve else "(no curve: no training rows were logged)",
+        "loss_curve": f"![loss curve]({run_folder.LOSS_CURVE})" if has_curve else "(no curve: no training rows were logged)",
         "hellaswag": hellaswag_section(rows, summary["steps"]),
         "samples": "\n\n".join(f"```text\n{s['text']}\n```" for s in samples) or "(none)",
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items() if v),
@@ -147,11 +149,11 @@ def hellaswag_section(rows: list[dict], step: int) -> str:
     row = final[-1]
     return "\n".join([
         f"HellaSwag, zero-shot, scored as lm-evaluation-harness scores it, on {row['hellaswag_items']:,} items "
-        f"(see `hellaswag` in run_config.yaml), beside published figures for models of GPT-2's size:",
+        f"(see `hellaswag` in {run_folder.RUN_CONFIG}), beside published figures for models of GPT-2's size:",
         "",
         "| model | HellaSwag acc_norm | source |",
         "|---|---|---|",
-        f"| this model (acc {100 * row['hellaswag_acc']:.1f}%) | {100 * row['hellaswag_acc_norm']:.1f}% | this run's metrics.jsonl, step {step} |",
+        f"| this model (acc {100 * row['hellaswag_acc']:.1f}%) | {100 * row['hellaswag_acc_norm']:.1f}% | this run's {run_folder.METRICS}, step {step} |",
         references_markdown(),
         "| chance (four endings) | 25.0% | |",
     ])

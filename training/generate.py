@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from iterative_llm.run_folder import run_of_checkpoint
+
 
 def find_model_folder(path: str | Path) -> tuple[Path, Path]:
     """(folder with the weights, folder with the tokenizer) for a run, checkpoint or model folder."""
@@ -23,7 +25,7 @@ def find_model_folder(path: str | Path) -> tuple[Path, Path]:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: give a run folder (e.g. runs/tiny) or a model folder.")
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-        tokenizer_dir = path if (path / "tokenizer.json").is_file() else path.parent.parent
+        tokenizer_dir = path if (path / "tokenizer.json").is_file() else run_of_checkpoint(path)
         return path, tokenizer_dir
     from .checkpoint import latest_checkpoint
 

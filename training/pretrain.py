@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM
+from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM, run_folder
 from iterative_llm.tokenization import check_tokenizer_matches_model, load_tokenizer, token_byte_lengths, train_tokenizer
 
 from .batches import RandomWindowBatches
@@ -135,7 +135,7 @@ def train(config: TrainConfig, model_factory=None) -> dict:
             f"another --out (nothing was overwritten)."
         )
     _check_model_settings(config)  # before anything is written
-    data_dir = Path(config.data_cache) if config.data_cache else out / "data"
+    data_dir = Path(config.data_cache) if config.data_cache else out / run_folder.DATA
     # A start that fails before training leaves nothing behind: the folders it creates go again.
     created = [path for path in (out, data_dir) if not path.exists()]
     if main_process:
@@ -221,11 +221,11 @@ def train(config: TrainConfig, model_factory=None) -> dict:
     byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer).astype("int64"))
     if config.report_to != "none":
         # TensorBoard writes to project_dir/<project name>: OUT/logs, as the README's table says.
-        accelerator.init_trackers("logs" if config.report_to == "tensorboard" else "pretrain", config=_scalar_config(config))
+        accelerator.init_trackers(run_folder.LOGS if config.report_to == "tensorboard" else "pretrain", config=_scalar_config(config))
 
     flops_token = flops_per_token(raw_model.config, config.seq_len)
     peak = peak_flops(device)
-    metrics_file = out / "metrics.jsonl"
+    metrics_file = out / run_folder.METRICS
 
     def log_row(row: dict) -> None:
         if main_process:
@@ -608,12 +608,12 @@ def _prepare_shards(config: TrainConfig, tokenizer, data_dir: Path, out: Path) -
         )
     except ShardSettingsError as err:
         made_from = err.manifest.get("paths", {}).get("source")
-        own_run = (out / "run_config.yaml").is_file() and not config.data_cache
+        own_run = (out / run_folder.RUN_CONFIG).is_file() and not config.data_cache
         raise TrainingError(
             f"{data_dir} holds the token shards of another data source or other data settings "
             f"({'; '.join(err.differences)}); this run asks for --data {config.data}. "
             + (f"To continue the run in {out}, use `iterative-llm train --out {out} --resume` with no data options: "
-               f"it reads the run's own settings from run_config.yaml. " if own_run else "")
+               f"it reads the run's own settings from {run_folder.RUN_CONFIG}. " if own_run else "")
             + f"To train on {made_from}, pass --data {made_from} with the settings the shards were made with; to "
             f"train on {config.data}, choose another --out, or a --data_cache folder of its own. Nothing was changed."
         ) from err
@@ -634,7 +634,7 @@ def _remove_created(created: list[Path], say) -> None:
     import shutil
 
     for path in created:
-        shards = [p for p in (path, path / "data") if (p / "manifest.json").is_file()]
+        shards = [p for p in (path, path / run_folder.DATA) if (p / "manifest.json").is_file()]
         if shards:
             say(f"kept {shards[0]}: its token shards are resumed by the next start with the same data")
             continue
@@ -659,13 +659,13 @@ def _check_resume_settings(state: dict, config: TrainConfig, tokens_per_step: in
         raise CheckpointError(
             f"The checkpoint was written with {state.get('tokens_per_step')} tokens per step and seed "
             f"{state.get('seed')}, but the settings now give {tokens_per_step} and {config.seed}: the data order "
-            f"would not continue where it stopped. Resume with the run's own settings (see run_config.yaml)."
+            f"would not continue where it stopped. Resume with the run's own settings (see {run_folder.RUN_CONFIG})."
         )
 
 
 def _write_run_files(out: Path, config, model_config, tokenizer, resumed: bool, step: int) -> None:
     """Resolved settings, versions and the tokenizer, so every figure traces back to its run."""
-    run_config = out / "run_config.yaml"
+    run_config = out / run_folder.RUN_CONFIG
     if resumed and run_config.is_file():
         # The run keeps its own settings; a resume may only extend it or change its cadence
         # (RESUME_MAY_CHANGE), and each such change is recorded with the step it applies from.
@@ -679,9 +679,9 @@ def _write_run_files(out: Path, config, model_config, tokenizer, resumed: bool, 
         run_config.write_text(
             yaml.safe_dump({"train": to_dict(config), "model": model_config.to_diff_dict()}, sort_keys=False)
         )
-    (out / "versions.json").write_text(json.dumps(package_versions(), indent=2))
+    (out / run_folder.VERSIONS).write_text(json.dumps(package_versions(), indent=2))
     tokenizer.save_pretrained(out)
-    metrics = out / "metrics.jsonl"
+    metrics = out / run_folder.METRICS
     if resumed and metrics.is_file():
         # Rows logged after the checkpoint we resume from belong to the lost part of the run.
         kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
