@@ -481,3 +481,29 @@ def test_tensorboard_logs_go_where_the_readme_says(tmp_path, text_dir):
     assert "logs/" in listed
     for name in listed:
         assert (run / name.rstrip("/")).exists(), f"README lists {name}, which the run folder lacks"
+
+
+def test_one_way_of_sampling_and_of_stopping(tmp_path, text_dir, monkeypatch):
+    """The exported folder's generation_config, `iterative-llm generate` and the samples logged in training
+    sample alike (temperature 0.8, top-k 50), and the folder stops at end-of-text and at `<|end|>`."""
+    import training.generate
+    from training.evaluate import sample
+
+    run = tmp_path / "run"
+    train(build_config(settings(text_dir, run, max_steps=2, eval_every=0)))
+    saved = json.loads((run / "generation_config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    assert (saved["temperature"], saved["top_k"], saved["do_sample"]) == (0.8, 50, True)
+    assert saved["eos_token_id"] == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")]
+    options = training.generate.build_parser().parse_args([str(run)])
+    assert (options.temperature, options.top_k) == (0.8, 50)
+
+    asked = {}
+
+    def continue_ids(model, ids, max_new_tokens, **kwargs):
+        asked.update(kwargs)
+        return [[]], None
+
+    monkeypatch.setattr(training.generate, "continue_ids", continue_ids)
+    sample(AutoModelForCausalLM.from_pretrained(run), tokenizer, ["The cat"], max_new_tokens=2)
+    assert (asked["temperature"], asked["top_k"], asked["do_sample"]) == (0.8, 50, True)

@@ -69,12 +69,12 @@ def evaluate(
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int = 0, device=None) -> list[str]:
-    """Continue each prompt, sampling with temperature 0.8 and top-k 50, seeded for repeatability.
+    """Continue each prompt, sampling with `iterative-llm generate`'s defaults, seeded for repeatability.
 
     Documents were trained with the boundary token first, so prompts get it too. A prompt too long for
     the model's context slides out of it from the start, as in `iterative-llm generate`; a note says so.
     """
-    from .generate import continue_ids
+    from .generate import TEMPERATURE, TOP_K, continue_ids
 
     was_training = model.training
     model.eval()
@@ -83,8 +83,8 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: i
     torch.manual_seed(seed)
     for prompt in prompts:
         ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
-        (new,), note = continue_ids(model, ids, max_new_tokens, device=device, do_sample=True, temperature=0.8,
-                                    top_k=50, pad_token_id=tokenizer.pad_token_id)
+        (new,), note = continue_ids(model, ids, max_new_tokens, device=device, do_sample=True, temperature=TEMPERATURE,
+                                    top_k=TOP_K, pad_token_id=tokenizer.pad_token_id)
         if note:
             print(f"sample {prompt[:30]!r}...: {note}", file=sys.stderr)
         texts.append(prompt + tokenizer.decode(new, skip_special_tokens=True))

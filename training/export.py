@@ -13,6 +13,8 @@ from transformers import GenerationConfig
 
 from iterative_llm import run_folder
 
+from .generate import TEMPERATURE, TOP_K
+
 TEMPLATE_NAME = "model_card.md"
 
 
@@ -108,7 +110,7 @@ def export_model_folder(out: str | Path, model, tokenizer, summary: dict) -> Non
     stop_ids = [tokenizer.eos_token_id] + ([end_of_turn] if isinstance(end_of_turn, int) and end_of_turn >= 0 else [])
     GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
-        do_sample=True, temperature=0.8, top_k=50, max_new_tokens=min(128, model.config.max_position_embeddings // 2),
+        do_sample=True, temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=min(128, model.config.max_position_embeddings // 2),
     ).save_pretrained(out)
     has_curve = plot_loss_curve(out, out / run_folder.LOSS_CURVE)
     (out / run_folder.SUMMARY).write_text(json.dumps(summary, indent=2))

@@ -18,6 +18,11 @@ import torch
 
 from iterative_llm.run_folder import run_of_checkpoint
 
+# Sampling defaults, set here only: `iterative-llm generate`, the samples logged during training
+# (evaluate.sample) and the exported folder's generation_config.json all sample this way.
+TEMPERATURE = 0.8
+TOP_K = 50
+
 
 def find_model_folder(path: str | Path) -> tuple[Path, Path]:
     """(folder with the weights, folder with the tokenizer) for a run, checkpoint or model folder."""
@@ -48,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=100,
                         help="tokens to generate (default 100); a long prompt slides out of the model's context "
                              "to make room for them")
-    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8); 0 = greedy")
-    parser.add_argument("--top_k", "--top-k", type=int, default=50,
-                        help="sample among the k most likely tokens (default 50)")
+    parser.add_argument("--temperature", type=float, default=TEMPERATURE,
+                        help=f"sampling temperature (default {TEMPERATURE}); 0 = greedy")
+    parser.add_argument("--top_k", "--top-k", type=int, default=TOP_K,
+                        help=f"sample among the k most likely tokens (default {TOP_K})")
     parser.add_argument("--num_samples", "--num-samples", type=int, default=1, help="texts to write (default 1)")
     parser.add_argument("--seed", type=int, default=None, help="seed for repeatable sampling")
     parser.add_argument("--cache", choices=["dynamic", "static"], default=None,
