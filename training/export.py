@@ -12,6 +12,7 @@ from pathlib import Path
 from transformers import GenerationConfig
 
 from iterative_llm import run_folder
+from iterative_llm.tokenization import END_OF_TURN
 
 from .generate import TEMPERATURE, TOP_K
 
@@ -106,7 +107,7 @@ def export_model_folder(out: str | Path, model, tokenizer, summary: dict) -> Non
     out = Path(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    end_of_turn = tokenizer.convert_tokens_to_ids("<|end|>")
+    end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     stop_ids = [tokenizer.eos_token_id] + ([end_of_turn] if isinstance(end_of_turn, int) and end_of_turn >= 0 else [])
     GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
