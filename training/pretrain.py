@@ -428,6 +428,14 @@ def to_model_inputs(batch: dict, device: torch.device) -> dict:
 
     The batch's labels are already the next tokens: transformers' loss takes them as
     `shift_labels` (no second shift); `labels` only switches the loss on.
+
+    Why the batches shift and the model does not (issue 12 weighed it, and kept it): a batch reads
+    T + 1 tokens per row so that all T positions have a target, and the next tokens are its
+    `labels` (evaluation scores them as they are). The Hugging Face way, labels = input_ids
+    shifted inside the model, has no target for the last position: T - 1 targets per row, or
+    T + 1 positions to keep T, and either changes every loss. `shift_labels` is transformers'
+    own argument for targets shifted already, and its forward computes a loss only when `labels`
+    is given; `labels=input_ids` is also what labels mean there, so the two agree.
     """
     inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     inputs["shift_labels"] = inputs.pop("labels")
