@@ -15,9 +15,9 @@ The recipe, each part a setting in training/config.py and measured in benchmarks
 - bf16 autocast on GPUs, optional torch.compile, gradient accumulation to a batch size in tokens,
   gradient clipping, optional document masking for packed sequences.
 
-Guards that a GPU run needs and no CPU test can see (issue 14): with --compile, a warm-up step on a
-first batch (gradients thrown away) compiles the model before the clock starts and checks that the compiled gradients
-are the eager ones; and a run whose loss has not fallen after its first stretch stops with the
+Guards that a GPU run needs and no CPU test can see (issue 14): with --compile, a warm-up step on the
+first batch (its gradients thrown away) compiles the model before the clock starts and checks that
+the compiled gradients are the eager ones; and a run whose loss has not fallen after its first stretch stops with the
 likely causes instead of spending its whole budget.
 """
 
@@ -291,9 +291,8 @@ def train(config: TrainConfig, model_factory=None) -> dict:
 
     # ------------------------------------------------------------------ warm-up (compile) off the clock
     # torch.compile does its work on the first forward and backward (about 100 s for gpt2-small
-    # compiled whole, on an H100): a forward and backward on the first batch, gradients thrown away,
-    # does it here, so that `max_time` is training
-    # time and its cool-down comes at its end. The same step compares the compiled gradients with
+    # compiled whole, on an H100): a forward and backward on the first batch, its gradients thrown
+    # away, does it here, so that `max_time` is training time and its cool-down comes at its end. The same step compares the compiled gradients with
     # the eager ones, since a compiled graph that trains on wrong gradients is invisible otherwise.
     compile_seconds = 0.0
     if config.compile:
