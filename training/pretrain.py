@@ -292,8 +292,9 @@ def train(config: TrainConfig, model_factory=None) -> dict:
     # ------------------------------------------------------------------ warm-up (compile) off the clock
     # torch.compile does its work on the first forward and backward (about 100 s for gpt2-small
     # compiled whole, on an H100): a forward and backward on the first batch, its gradients thrown
-    # away, does it here, so that `max_time` is training time and its cool-down comes at its end. The same step compares the compiled gradients with
-    # the eager ones, since a compiled graph that trains on wrong gradients is invisible otherwise.
+    # away, does it here, so that `max_time` is training time and its cool-down comes at its end.
+    # The same step compares the compiled gradients with the eager ones, since a compiled graph that
+    # trains on wrong gradients is invisible otherwise.
     compile_seconds = 0.0
     if config.compile:
         start = time.perf_counter()
