@@ -17,8 +17,8 @@ The recipe, each part a setting in training/config.py and measured in benchmarks
 
 Guards that a GPU run needs and no CPU test can see (issue 14): with --compile, a warm-up step on the
 first batch (its gradients thrown away) compiles the model before the clock starts and checks that
-the compiled gradients are the eager ones; and a run whose loss has not fallen after its first stretch stops with the
-likely causes instead of spending its whole budget.
+the compiled gradients are the eager ones; and a run whose loss has not fallen after its first
+stretch stops with the likely causes instead of spending its whole budget.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from .export import export_model_folder, package_versions
 from .multiple_choice import hellaswag_in_run
 from .optim import apply_lr, apply_muon_momentum, build_optimizers, lr_multiplier, muon_momentum
 from .prepare import ShardSettingsError, prepare_shards
-from .shards import ShardedDataset
+from .shards import MANIFEST, ShardedDataset
 from .sources import iter_documents
 
 
@@ -643,7 +643,7 @@ def _remove_created(created: list[Path], say) -> None:
     import shutil
 
     for path in created:
-        shards = [p for p in (path, path / run_folder.DATA) if (p / "manifest.json").is_file()]
+        shards = [p for p in (path, path / run_folder.DATA) if (p / MANIFEST).is_file()]
         if shards:
             say(f"kept {shards[0]}: its token shards are resumed by the next start with the same data")
             continue
