@@ -49,7 +49,7 @@ from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM, run_folde
 from training.config import build_config, load_preset  # noqa: E402
 from training.evaluate import flops_per_token, peak_flops  # noqa: E402
 from training.optim import build_optimizers  # noqa: E402
-from training.pretrain import compile_model, train, train_step  # noqa: E402
+from training.pretrain import compile_model, to_model_inputs, train, train_step  # noqa: E402
 
 # Margins a run must lower its training loss by (first step to the mean of the last three logged
 # windows), in nats, per setting below. A model that learns nothing stays near ln(vocabulary): 8.3
@@ -163,8 +163,8 @@ def random_batches(count: int, batch_size: int, seq_len: int, vocab: int, device
     batches = []
     for _ in range(count):
         ids = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=generator)
-        batches.append({"input_ids": ids[:, :-1].to(device), "labels": ids[:, :-1].to(device),
-                        "shift_labels": ids[:, 1:].to(device)})
+        # Shaped as training's batches (next tokens as labels), handed to the model as training does.
+        batches.append(to_model_inputs({"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, device))
     return batches
 
 
