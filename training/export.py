@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import platform
-import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 from transformers import GenerationConfig
@@ -15,29 +12,9 @@ from iterative_llm import run_folder
 from iterative_llm.tokenization import END_OF_TURN
 
 from .generate import TEMPERATURE, TOP_K
+from .versions import package_versions
 
 TEMPLATE_NAME = "model_card.md"
-
-
-def package_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for name in ("iterative-llm", "torch", "transformers", "tokenizers", "accelerate", "datasets", "trl", "peft"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    versions["git_revision"] = git_revision()
-    return versions
-
-
-def git_revision() -> str | None:
-    """The project's git commit, when it runs from a checkout (None from a wheel)."""
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5)
-        return result.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -18,6 +18,8 @@ from typing import Any
 # Importing the package registers our model type with the Auto classes, before any folder is loaded.
 from iterative_llm.tokenization import END_OF_TURN, check_tokenizer_matches_model
 
+from .versions import package_versions
+
 logger = logging.getLogger(__name__)
 
 
@@ -137,17 +139,6 @@ def _stop_at_end_of_turn(model, tokenizer) -> None:
 
 def write_summary(output_dir: str, stage: str, summary: dict[str, Any]) -> None:
     """`{stage}_summary.json` beside the weights: resolved arguments, metrics and versions of this run."""
-    import platform
-
-    import accelerate
-    import datasets
-    import torch
-    import transformers
-    import trl
-
     summary = dict(summary)
-    summary["versions"] = {
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "trl": trl.__version__, "accelerate": accelerate.__version__, "datasets": datasets.__version__,
-    }
+    summary["versions"] = package_versions()
     Path(output_dir, f"{stage}_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
