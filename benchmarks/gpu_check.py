@@ -49,7 +49,8 @@ from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM, run_folde
 from training.config import build_config, load_preset  # noqa: E402
 from training.evaluate import flops_per_token, peak_flops  # noqa: E402
 from training.optim import build_optimizers  # noqa: E402
-from training.pretrain import compile_model, to_model_inputs, train, train_step  # noqa: E402
+from training.pretrain import train  # noqa: E402
+from training.step import compile_model, to_model_inputs, train_step  # noqa: E402
 
 # Margins a run must lower its training loss by (first step to the mean of the last three logged
 # windows), in nats, per setting below. A model that learns nothing stays near ln(vocabulary): 8.3

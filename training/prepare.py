@@ -1,5 +1,6 @@
 """The prepare stage: text -> tokenizer -> token shards, run once ahead of training.
 
+    tokenizer_for(source, out)          the given tokenizer, the one already in OUT/tokenizer, or a new one
     prepare_shards(source, tok, out)    tokenise once into compact shards, split train/val by document
     iterative-llm prepare SOURCE OUT_DIR --tokenizer TOK   the same from the command line
                                         (also `python -m training.prepare`)
@@ -34,15 +35,65 @@ from pathlib import Path
 
 import numpy as np
 
-from iterative_llm.tokenization import boundary_token_id, plain_text_encoder, tokenizer_fingerprint
+from iterative_llm.tokenization import (
+    boundary_token_id,
+    load_tokenizer,
+    plain_text_encoder,
+    tokenizer_fingerprint,
+    train_tokenizer,
+)
 
 from .shards import FORMAT_VERSION, MANIFEST, SPLITS, ShardedDataset, read_manifest
 from .sources import BUILTIN_PYTHON_DOCS, describe_source, iter_documents
+from .versions import package_versions
 
 # How much text goes to the tokenizer at once: enough for the Rust backend to keep every core busy,
 # small enough that memory stays flat and the progress bar moves.
 _BATCH_CHARS = 2_000_000
 _BATCH_DOCS = 2048
+# The tokenizer trained for a shard folder lives inside it, so that the folder alone (a run's data/,
+# or a --data_cache shared between runs) is everything training needs.
+TOKENIZER_DIR = "tokenizer"
+
+
+def tokenizer_for(
+    source: str,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: str | None = None,
+    vocab_size: int,
+    text_column: str = "text",
+    doc_separator: str | None = None,
+    max_documents: int | None = None,
+    train_chars: int = 50_000_000,
+    say=print,
+):
+    """The tokenizer of a shard folder: `tokenizer` (a folder) when given, else the one already trained
+    for `out_dir`, else a byte-level BPE of `vocab_size` tokens trained on the first `train_chars`
+    characters of `source` and saved in OUT_DIR/tokenizer."""
+    if tokenizer:
+        return load_tokenizer(tokenizer)
+    saved = Path(out_dir) / TOKENIZER_DIR
+    if saved.is_dir():
+        return load_tokenizer(saved)
+    say(f"training a {vocab_size}-token byte-level BPE tokenizer on {source} ...")
+    start = time.perf_counter()
+    documents = iter_documents(source, text_column=text_column, doc_separator=doc_separator,
+                               max_documents=max_documents)
+    trained = train_tokenizer(_first_chars(documents, train_chars), vocab_size=vocab_size)
+    trained.save_pretrained(saved)
+    say(f"tokenizer: {len(trained)} tokens in {time.perf_counter() - start:.1f} s, saved to {saved}")
+    return trained
+
+
+def _first_chars(documents: Iterable[str], max_chars: int) -> Iterator[str]:
+    """Whole documents until `max_chars` characters have gone by."""
+    seen = 0
+    for document in documents:
+        yield document
+        seen += len(document)
+        if seen >= max_chars:
+            return
 
 
 def prepare_shards(
@@ -115,7 +166,7 @@ def prepare_shards(
             "settings": settings,
             "paths": {"source": source, "val_source": val_source},  # for people; not compared
             "shard_tokens": shard_tokens,
-            "versions": _versions(),
+            "versions": package_versions(("numpy", "tokenizers"), git=False),
             "progress": {key: {"documents_read": 0, "tokens": 0, "done": False} for key, _, _ in streams},
             "splits": {s: {"num_tokens": 0, "num_documents": 0, "num_bytes": 0, "shards": []} for s in SPLITS},
         }
@@ -383,12 +434,6 @@ def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _versions() -> dict:
-    import tokenizers
-
-    return {"python": sys.version.split()[0], "numpy": np.__version__, "tokenizers": tokenizers.__version__}
 
 
 def _progress_bar(enabled: bool, description: str, initial: int):

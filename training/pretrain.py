@@ -4,8 +4,9 @@
     accelerate launch -m training.pretrain --preset gpt2-small   # one or more GPUs
     torchrun --nproc_per_node 2 -m training.pretrain ...   # data parallel, CPU (gloo) or GPU
 
-Reads top to bottom: settings -> run folder -> tokenizer -> token shards -> model -> optimizers
--> (resume) -> the loop (schedule, accumulate, clip, step, log, evaluate, checkpoint) -> export.
+Reads top to bottom: `train` = `set_up` (processes -> run folder -> prepared data (training/prepare.py)
+-> model -> optimizers -> resume) -> warm-up of the compiled model -> `train_loop` (schedule, one
+`train_step` (training/step.py), log, evaluate, checkpoint) -> `finish` (final evaluation, export).
 
 The recipe, each part a setting in training/config.py and measured in benchmarks/pretrain_recipe.py:
 - Muon for the hidden weight matrices, AdamW for embedding, head and vectors (Keller Jordan's
@@ -15,10 +16,8 @@ The recipe, each part a setting in training/config.py and measured in benchmarks
 - bf16 autocast on GPUs, optional torch.compile, gradient accumulation to a batch size in tokens,
   gradient clipping, optional document masking for packed sequences.
 
-Guards that a GPU run needs and no CPU test can see (issue 14): with --compile, a warm-up step on the
-first batch (its gradients thrown away) compiles the model before the clock starts and checks that
-the compiled gradients are the eager ones; and a run whose loss has not fallen after its first
-stretch stops with the likely causes instead of spending its whole budget.
+What stops a run early instead of letting it spend a GPU's hours is in training/guards.py; the
+compiled-gradient check runs in the warm-up (training/step.py).
 """
 
 from __future__ import annotations
@@ -29,30 +28,28 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM, run_folder
-from iterative_llm.tokenization import check_tokenizer_matches_model, load_tokenizer, token_byte_lengths, train_tokenizer
+from iterative_llm.tokenization import check_tokenizer_matches_model, load_tokenizer, token_byte_lengths
 
 from .batches import RandomWindowBatches
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RESUME_MAY_CHANGE, TrainConfig, parse_args, to_dict
 from .evaluate import evaluate, flops_per_token, peak_flops, sample
-from .export import export_model_folder, package_versions
+from .export import export_model_folder
+from .guards import LearningCheck, TrainingError, check_loss_finite, check_model_settings, check_resume_settings
 from .multiple_choice import hellaswag_in_run
 from .optim import apply_lr, apply_muon_momentum, build_optimizers, lr_multiplier, muon_momentum
-from .prepare import ShardSettingsError, prepare_shards
+from .prepare import TOKENIZER_DIR, ShardSettingsError, prepare_shards, tokenizer_for
 from .shards import MANIFEST, ShardedDataset
-from .sources import iter_documents
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message says why and what to do."""
-
+from .step import compile_model, eagerly, to_model_inputs, train_step, warm_up_compiled
+from .versions import package_versions
 
 # The process group of a data-parallel run is never freed in Python. Freeing it (when the DDP model
 # that holds it goes) joins gloo's worker threads, and one of them may still be waiting for the GIL,
@@ -99,13 +96,130 @@ def train(config: TrainConfig, model_factory=None) -> dict:
     `model_factory(model_config)`, if given, builds the model to train instead of
     IterativeLLMForCausalLM (benchmarks put a GPT-2 baseline through the same pipeline this way).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # checkpoint writes would each draw a bar inside the training bar
+    run = set_up(config, model_factory)
 
-    # ------------------------------------------------------------------ settings and processes
+    # torch.compile does its work on the first forward and backward (about 100 s for gpt2-small
+    # compiled whole, on an H100): a forward and backward on the first batch, its gradients thrown
+    # away, does it here, so that `max_time` is training time and its cool-down comes at its end.
+    # The same step compares the compiled gradients with the eager ones, since a compiled graph that
+    # trains on wrong gradients is invisible otherwise.
+    if config.compile:
+        start = time.perf_counter()
+        run.say("compiling the model (a warm-up step whose gradients are thrown away; not counted as training time) ...")
+        check = warm_up_compiled(run.model, run.step_inputs(0, run.state["step"]), run.loss_kwargs, config.compile_check)
+        run.compile_seconds = time.perf_counter() - start
+        run.say(f"compiled in {run.compile_seconds:.1f} s" + (f"; {check}" if check else ""))
+
+    stopped_by = train_loop(run)
+    if stopped_by is not None:
+        run.say(f"Stopped by {stopped_by} at step {run.state['step']}. "
+                f"Continue with: iterative-llm train --out {run.out} --resume")
+        _end_processes(run.accelerator)
+        return {"stopped": True, **run.state}
+    return finish(run)
+
+
+# ---------------------------------------------------------------------- what a run holds
+
+
+@dataclass
+class Run:
+    """One run's parts, made by `set_up`, and what the loop does with them besides the step itself."""
+
+    config: TrainConfig
+    accelerator: Any
+    out: Path
+    precision: str
+    tokenizer: Any
+    train_split: Any
+    val_split: Any
+    raw_model: torch.nn.Module  # as built: evaluated, sampled, checkpointed and exported
+    model: torch.nn.Module  # the one trained: compiled in place, wrapped for data parallelism
+    optimizers: list
+    accumulation: int  # micro-steps per optimizer step, on each process
+    tokens_per_step: int  # all processes together
+    micro_batches: list  # one RandomWindowBatches per micro-step
+    loss_kwargs: dict  # what the model's forward needs to return the loss alone
+    state: dict  # step, tokens, time: what a checkpoint saves and a resume continues from
+    compile_seconds: float = 0.0
+    first_loss: float | None = None
+    byte_lengths: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.main_process = self.accelerator.is_main_process
+        self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
+        self.device = self.accelerator.device
+        self.byte_lengths = torch.from_numpy(token_byte_lengths(self.tokenizer).astype("int64"))
+
+    def say(self, message: str) -> None:
+        if self.main_process:
+            print(message, flush=True)
+
+    def progress(self) -> float:
+        """The fraction of the budget done: the first of max_steps, max_tokens and max_time to be reached."""
+        c, s = self.config, self.state
+        parts = [s["step"] / c.max_steps if c.max_steps else 0.0, s["tokens"] / c.max_tokens if c.max_tokens else 0.0,
+                 s["time"] / c.max_time if c.max_time else 0.0]
+        return min(1.0, max(parts))
+
+    def step_inputs(self, micro: int, step: int) -> dict:
+        return to_model_inputs(self.micro_batches[micro].batch_at(step), self.device)
+
+    def log_row(self, row: dict) -> None:
+        if self.main_process:
+            with open(self.out / run_folder.METRICS, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def evaluate(self) -> dict:
+        c = self.config
+        with eagerly(c.compile):
+            result = evaluate(
+                self.raw_model, self.val_split, self.byte_lengths, batch_size=c.batch_size, seq_len=c.seq_len,
+                max_tokens=c.eval_tokens, device=self.device, autocast=self.accelerator.autocast, rank=self.rank,
+                world_size=self.world_size, document_positions=c.document_masking,
+            )
+            result.update(hellaswag_in_run(c, self.raw_model, self.tokenizer, self.state["step"],
+                                           final=self.progress() >= 1.0, autocast=self.accelerator.autocast,
+                                           rank=self.rank, world_size=self.world_size))
+        self.log_row({"kind": "eval", "step": self.state["step"], "tokens": self.state["tokens"],
+                      "time": round(self.state["time"], 3), **result})
+        if c.report_to != "none":
+            self.accelerator.log(result, step=self.state["step"])
+        return result
+
+    def samples(self) -> None:
+        if not self.main_process:
+            return
+        c = self.config
+        with self.accelerator.autocast(), eagerly(c.compile):
+            texts = sample(self.raw_model, self.tokenizer, c.sample_prompts, max_new_tokens=c.sample_tokens,
+                           seed=c.seed, device=self.device)
+        for prompt, text in zip(c.sample_prompts, texts):
+            self.log_row({"kind": "sample", "step": self.state["step"], "prompt": prompt, "text": text})
+            self.say(f"  sample | {text!r}")
+
+    def checkpoint(self, reason: str) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.main_process:
+            path = save_checkpoint(self.out, self.raw_model, self.optimizers,
+                                   {**self.state, "reason": reason, "tokens_per_step": self.tokens_per_step,
+                                    "seed": self.config.seed}, keep=self.config.keep_checkpoints)
+            self.say(f"checkpoint: {path} ({reason})")
+        self.accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------- set-up
+
+
+def set_up(config: TrainConfig, model_factory=None) -> Run:
+    """Processes, the run folder, the prepared data, the model, its optimizers and (with --resume) the
+    state to continue from: everything the loop needs, or an error before anything is trained."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
     precision = config.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
@@ -113,19 +227,18 @@ def train(config: TrainConfig, model_factory=None) -> dict:
     accelerator = Accelerator(
         # Several processes without GPUs (torchrun on a CPU machine): accelerate needs to be told
         # to use CPU data parallelism (gloo); otherwise each process trains alone.
-        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        cpu=not torch.cuda.is_available() and _several_processes(),
         mixed_precision="bf16" if precision == "bf16" else "no",
         log_with=None if config.report_to == "none" else config.report_to,
         project_dir=str(out),
     )
-    main_process, rank, world_size = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    main_process, world_size, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
     say = (lambda message: print(message, flush=True)) if main_process else (lambda message: None)
-    device = accelerator.device
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for whatever stays in float32 (bf16 autocast covers the rest)
     set_seed(config.seed)
 
-    # ------------------------------------------------------------------ the run folder
+    # The run folder: a new run never writes over checkpoints, a resume needs one.
     resume_from = latest_checkpoint(out) if config.resume else None
     if config.resume and resume_from is None:
         raise TrainingError(f"--resume: the run folder {out} has no checkpoint to resume from. Drop --resume to start it.")
@@ -134,50 +247,11 @@ def train(config: TrainConfig, model_factory=None) -> dict:
             f"The run folder {out} already holds checkpoints. Pass --resume to continue that run, or choose "
             f"another --out (nothing was overwritten)."
         )
-    _check_model_settings(config)  # before anything is written
-    data_dir = Path(config.data_cache) if config.data_cache else out / run_folder.DATA
-    # A start that fails before training leaves nothing behind: the folders it creates go again.
-    created = [path for path in (out, data_dir) if not path.exists()]
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+    check_model_settings(config)  # before anything is written
+    tokenizer, train_split, val_split = _prepared_data(config, accelerator, out, say)
 
-    # ------------------------------------------------------------------ tokenizer and token shards
-    try:
-        tokenizer = _tokenizer(config, data_dir, main_process, say)
-        accelerator.wait_for_everyone()
-        if not main_process:
-            tokenizer = load_tokenizer(data_dir / "tokenizer") if not config.tokenizer else load_tokenizer(config.tokenizer)
-        if main_process:
-            _prepare_shards(config, tokenizer, data_dir, out)
-        accelerator.wait_for_everyone()
-    except BaseException:
-        if main_process:
-            _remove_created(created, say)
-        raise
-    dataset = ShardedDataset.open(data_dir)
-    train_split, val_split = dataset.split("train"), dataset.split("val")
-    say(f"data: {train_split.num_tokens:,} training tokens in {train_split.num_documents:,} documents, "
-        f"{val_split.num_tokens:,} validation tokens ({data_dir})")
-
-    # ------------------------------------------------------------------ the model
-    model_fields = dict(config.model)
-    model_fields.setdefault("vocab_size", _round_up(len(tokenizer), 64))  # multiples of 64 suit matmul kernels
-    model_fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-    model_config = IterativeLLMConfig.from_preset(config.model_preset, **model_fields)
-    check_tokenizer_matches_model(tokenizer, model_config)
-    torch.manual_seed(config.seed)
-    raw_model = (model_factory or IterativeLLMForCausalLM)(model_config).to(device)
-    # Our model computes the loss chunk by chunk without keeping the (B, T, V) logits
-    # (`skip_logits`); a baseline model from `model_factory` gets the plain call.
-    loss_only = {"skip_logits": True} if isinstance(raw_model, IterativeLLMForCausalLM) else {}
-    if config.activation_checkpointing:
-        raw_model.activation_checkpointing_enable()
-    raw_model.train()
+    model_config, raw_model = _build_model(config, tokenizer, device, model_factory)
     say(f"model: {config.model_preset} preset, {raw_model.num_parameters():,} parameters, precision {precision}")
-
-    # ------------------------------------------------------------------ optimizers and schedule
     optimizers = build_optimizers(
         raw_model, optimizer=config.optimizer, lr_matrix=config.lr_matrix, lr_embed=config.lr_embed,
         lr_head=config.lr_head, lr_scalar=config.lr_scalar, adamw_lr=config.adamw_lr,
@@ -190,11 +264,10 @@ def train(config: TrainConfig, model_factory=None) -> dict:
         say(f"note: batch_tokens {config.batch_tokens} rounded to {tokens_per_step} "
             f"({accumulation} micro-steps of {config.batch_size} x {config.seq_len} tokens x {world_size} processes)")
 
-    # ------------------------------------------------------------------ resume
     state = {"step": 0, "tokens": 0, "time": 0.0}
     if resume_from is not None:
         state = load_checkpoint(resume_from, raw_model, optimizers)
-        _check_resume_settings(state, config, tokens_per_step)
+        check_resume_settings(state, config, tokens_per_step)
         say(f"resumed from {resume_from} (step {state['step']}, {state['tokens']:,} tokens)")
     if main_process:
         _write_run_files(out, config, model_config, tokenizer, resume_from is not None, state["step"])
@@ -212,400 +285,57 @@ def train(config: TrainConfig, model_factory=None) -> dict:
     micro_batches = [
         RandomWindowBatches(
             train_split, batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed,
-            rank=micro * world_size + rank, world_size=accumulation * world_size,
+            rank=micro * world_size + accelerator.process_index, world_size=accumulation * world_size,
             document_positions=config.document_masking,
             pin_memory=config.dataloader_pin_memory and device.type == "cuda",
         )
         for micro in range(accumulation)
     ]
-    byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer).astype("int64"))
     if config.report_to != "none":
         # TensorBoard writes to project_dir/<project name>: OUT/logs, as the README's table says.
-        accelerator.init_trackers(run_folder.LOGS if config.report_to == "tensorboard" else "pretrain", config=_scalar_config(config))
+        accelerator.init_trackers(run_folder.LOGS if config.report_to == "tensorboard" else "pretrain",
+                                  config=_scalar_config(config))
+    return Run(
+        config=config, accelerator=accelerator, out=out, precision=precision, tokenizer=tokenizer,
+        train_split=train_split, val_split=val_split, raw_model=raw_model, model=model, optimizers=optimizers,
+        accumulation=accumulation, tokens_per_step=tokens_per_step, micro_batches=micro_batches,
+        # Our model computes the loss chunk by chunk without keeping the (B, T, V) logits
+        # (`skip_logits`); a baseline model from `model_factory` gets the plain call.
+        loss_kwargs={"skip_logits": True} if isinstance(raw_model, IterativeLLMForCausalLM) else {},
+        state=state,
+    )
 
-    flops_token = flops_per_token(raw_model.config, config.seq_len)
-    peak = peak_flops(device)
-    metrics_file = out / run_folder.METRICS
 
-    def log_row(row: dict) -> None:
-        if main_process:
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def run_eval() -> dict:
-        with eagerly(config.compile):
-            result = evaluate(
-                raw_model, val_split, byte_lengths, batch_size=config.batch_size, seq_len=config.seq_len,
-                max_tokens=config.eval_tokens, device=device, autocast=accelerator.autocast, rank=rank,
-                world_size=world_size, document_positions=config.document_masking,
-            )
-            result.update(hellaswag_in_run(config, raw_model, tokenizer, state["step"], final=progress_fraction() >= 1.0,
-                                           autocast=accelerator.autocast, rank=rank, world_size=world_size))
-        row = {"kind": "eval", "step": state["step"], "tokens": state["tokens"], "time": round(state["time"], 3), **result}
-        log_row(row)
-        if config.report_to != "none":
-            accelerator.log(result, step=state["step"])
-        return result
-
-    def run_samples() -> None:
-        if not main_process:
-            return
-        with accelerator.autocast(), eagerly(config.compile):
-            texts = sample(raw_model, tokenizer, config.sample_prompts, max_new_tokens=config.sample_tokens,
-                           seed=config.seed, device=device)
-        for prompt, text in zip(config.sample_prompts, texts):
-            log_row({"kind": "sample", "step": state["step"], "prompt": prompt, "text": text})
-            say(f"  sample | {text!r}")
-
-    def progress_fraction() -> float:
-        parts = []
-        if config.max_steps:
-            parts.append(state["step"] / config.max_steps)
-        if config.max_tokens:
-            parts.append(state["tokens"] / config.max_tokens)
-        if config.max_time:
-            parts.append(state["time"] / config.max_time)
-        return min(1.0, max(parts))
-
-    # Ctrl-C / SIGTERM ask the loop to checkpoint and stop at the end of the current step.
-    stop_requested = {"signal": None}
-
-    def request_stop(signum, frame):
-        if stop_requested["signal"] is not None:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        stop_requested["signal"] = signal.Signals(signum).name
-
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if _in_main_thread() else {}
-
-    def checkpoint(reason: str) -> None:
-        accelerator.wait_for_everyone()
-        if main_process:
-            path = save_checkpoint(out, raw_model, optimizers, {**state, "reason": reason,
-                                   "tokens_per_step": tokens_per_step, "seed": config.seed}, keep=config.keep_checkpoints)
-            say(f"checkpoint: {path} ({reason})")
-        accelerator.wait_for_everyone()
-
-    def step_inputs(micro: int, step: int) -> dict:
-        batch = micro_batches[micro].batch_at(step)
-        return to_model_inputs(batch, device)
-
-    # ------------------------------------------------------------------ warm-up (compile) off the clock
-    # torch.compile does its work on the first forward and backward (about 100 s for gpt2-small
-    # compiled whole, on an H100): a forward and backward on the first batch, its gradients thrown
-    # away, does it here, so that `max_time` is training time and its cool-down comes at its end.
-    # The same step compares the compiled gradients with the eager ones, since a compiled graph that
-    # trains on wrong gradients is invisible otherwise.
-    compile_seconds = 0.0
-    if config.compile:
-        start = time.perf_counter()
-        say("compiling the model (a warm-up step whose gradients are thrown away; not counted as training time) ...")
-        check = warm_up_compiled(model, step_inputs(0, state["step"]), loss_only, config.compile_check)
-        compile_seconds = time.perf_counter() - start
-        say(f"compiled in {compile_seconds:.1f} s" + (f"; {check}" if check else ""))
-
-    # ------------------------------------------------------------------ the loop
-    bar = _progress_bar(config, main_process, state["step"], accumulation, world_size)
-    loss_sum = torch.zeros((), device=device)  # summed on the device; read only when logged
-    steps_since_log, time_since_log = 0, 0.0
-    stopped_by = None
-    learning = LearningCheck(config, start_step=state["step"]) if config.stop_if_not_learning else None
-    clip = (lambda parameters, max_norm: accelerator.clip_grad_norm_(parameters, max_norm))
-    try:
-        while progress_fraction() < 1.0:
-            step_start = time.perf_counter()
-            multiplier = lr_multiplier(state["step"], config.warmup_steps, progress_fraction(),
-                                       cooldown_fraction=config.cooldown_fraction, final_ratio=config.final_lr_ratio,
-                                       shape=config.schedule)
-            apply_lr(optimizers, multiplier)
-            if config.optimizer == "muon":
-                apply_muon_momentum(optimizers, muon_momentum(state["step"], warmup_steps=config.muon_momentum_warmup_steps))
-
-            step_loss = train_step(
-                model, optimizers, (step_inputs(micro, state["step"]) for micro in range(accumulation)),
-                accumulation=accumulation, grad_clip=config.grad_clip, loss_kwargs=loss_only, clip=clip,
-                # Gradients are averaged across processes only on the last micro-step.
-                no_sync=(lambda: accelerator.no_sync(model)) if world_size > 1 else None,
-            )
-            loss_sum += step_loss
-            if learning is not None and learning.first_loss is None:
-                learning.first_loss = accelerator.reduce(step_loss, reduction="mean").item()  # one read, at step 1
-
-            if device.type == "cuda" and (state["step"] + 1) % config.log_every == 0:
-                torch.cuda.synchronize()  # so the step times below are real, not queued work
-            elapsed = time.perf_counter() - step_start
-            state["step"] += 1
-            state["tokens"] += tokens_per_step
-            state["time"] += elapsed
-            steps_since_log += 1
-            time_since_log += elapsed
-
-            last_step = progress_fraction() >= 1.0
-            due = lambda every: every > 0 and state["step"] % every == 0  # noqa: E731
-            stop_now = stop_requested["signal"] is not None
-            if due(config.log_every) or last_step or stop_now or due(config.checkpoint_every):
-                mean_loss = accelerator.reduce(loss_sum, reduction="mean").item() / steps_since_log
-                if not math.isfinite(mean_loss):
-                    last = latest_checkpoint(out)
-                    raise TrainingError(
-                        f"The training loss became {mean_loss} at step {state['step']}. No checkpoint was written "
-                        f"after it; the last good one is {last or '(none yet)'}. Lower the learning rates "
-                        f"(--lr_matrix, --lr_embed, --adamw_lr), keep --grad_clip on, or use --precision fp32."
-                    )
-                tokens_per_second = steps_since_log * tokens_per_step / max(time_since_log, 1e-9)
-                mfu = flops_token * tokens_per_second / (peak * world_size) if peak else None
-                row = {"kind": "train", "step": state["step"], "tokens": state["tokens"], "time": round(state["time"], 3),
-                       "loss": mean_loss, "lr": multiplier, "tokens_per_second": tokens_per_second, "mfu": mfu}
-                log_row(row)
-                if config.report_to != "none":
-                    accelerator.log({"train_loss": mean_loss, "lr_multiplier": multiplier,
-                                     "tokens_per_second": tokens_per_second}, step=state["step"])
-                if bar is not None:
-                    bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_second:,.0f}",
-                                    **({"mfu": f"{100 * mfu:.1f}%"} if mfu is not None else {}))
-                    _set_bar_total(bar, state["step"], progress_fraction())
-                if learning is not None:
-                    learning.check(state["step"], progress_fraction(), mean_loss)
-                loss_sum.zero_()
-                steps_since_log, time_since_log = 0, 0.0
-            if bar is not None:
-                bar.update(1)
-
-            if due(config.eval_every) and not last_step:
-                result = run_eval()
-                say(f"step {state['step']}: val loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits per byte")
-            if due(config.sample_every) and not last_step:
-                run_samples()
-            if stop_now:
-                stopped_by = stop_requested["signal"]
-                checkpoint(f"stopped by {stopped_by}")
-                break
-            if due(config.checkpoint_every) and not last_step:
-                checkpoint("scheduled")
-    finally:
-        if bar is not None:
-            bar.close()
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-
-    if stopped_by is not None:
-        say(f"Stopped by {stopped_by} at step {state['step']}. Continue with: iterative-llm train --out {out} --resume")
-        _finish(accelerator)
-        return {"stopped": True, **state}
-
-    # ------------------------------------------------------------------ final evaluation and export
-    result = run_eval()
-    say(f"final: step {state['step']}, {state['tokens']:,} tokens, {state['time']:.1f} s of training, "
-        f"val loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits per byte")
-    run_samples()
-    checkpoint("end of training")
-    summary = {
-        "steps": state["step"], "tokens": state["tokens"], "time": round(state["time"], 3),
-        "final_val_loss": result["val_loss"], "final_val_bpb": result["val_bpb"],
-        "parameters": raw_model.num_parameters(), "preset": config.model_preset, "data": config.data,
-        "train_tokens_available": train_split.num_tokens, "val_tokens": val_split.num_tokens,
-        "processes": world_size, "precision": precision, "hardware": _hardware(device, world_size),
-        "compile": config.compile, "compile_seconds": round(compile_seconds, 3),
-        "first_loss": learning.first_loss if learning is not None else None,
-    }
+def _prepared_data(config: TrainConfig, accelerator, out: Path, say):
+    """The tokenizer and the train and validation token shards (training/prepare.py makes them once,
+    on the main process, and reuses them after). A start that fails here removes the folders it made."""
+    main_process = accelerator.is_main_process
+    data_dir = Path(config.data_cache) if config.data_cache else out / run_folder.DATA
+    created = [path for path in (out, data_dir) if not path.exists()]
     if main_process:
-        export_model_folder(out, raw_model, tokenizer, summary)
-        say(f"model folder: {out} (load it with AutoModelForCausalLM.from_pretrained({str(out)!r}))")
-    _finish(accelerator)
-    return summary
-
-
-def _finish(accelerator) -> None:
-    """The end of a run, in order on every process: all meet, the trackers close, the process group goes
-    (accelerate's end_training calls torch.distributed.destroy_process_group)."""
+        out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
-
-
-# ---------------------------------------------------------------------- one training step, compile, guards
-
-
-def to_model_inputs(batch: dict, device: torch.device) -> dict:
-    """A batch of `RandomWindowBatches` as the model's keyword arguments, on `device`.
-
-    The batch's labels are already the next tokens: transformers' loss takes them as
-    `shift_labels` (no second shift); `labels` only switches the loss on.
-
-    Why the batches shift and the model does not (issue 12 weighed it, and kept it): a batch reads
-    T + 1 tokens per row so that all T positions have a target, and the next tokens are its
-    `labels` (evaluation scores them as they are). The Hugging Face way, labels = input_ids
-    shifted inside the model, has no target for the last position: T - 1 targets per row, or
-    T + 1 positions to keep T, and either changes every loss. `shift_labels` is transformers'
-    own argument for targets shifted already, and its forward computes a loss only when `labels`
-    is given; `labels=input_ids` is also what labels mean there, so the two agree.
-    """
-    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    inputs["shift_labels"] = inputs.pop("labels")
-    inputs["labels"] = inputs["input_ids"]
-    return inputs
-
-
-def train_step(model, optimizers, micro_batches, *, accumulation: int, grad_clip: float, loss_kwargs: dict,
-               clip=None, no_sync=None, autocast=None) -> torch.Tensor:
-    """One optimizer step over `accumulation` micro-batches (model inputs on the device); returns the
-    step's mean loss as a device tensor (nothing here waits for the device).
-
-    `no_sync()`, if given, is entered for every micro-batch but the last (data parallelism averages
-    gradients once per step); `clip(parameters, max_norm)` defaults to torch's foreach clipping;
-    `autocast()` wraps the forward pass where the model is not already wrapped (benchmarks).
-    benchmarks/throughput.py and benchmarks/gpu_check.py time this same function.
-    """
-    step_loss = None
-    for micro, inputs in enumerate(micro_batches):
-        sync = no_sync() if no_sync is not None and micro < accumulation - 1 else nullcontext()
-        with sync:
-            with autocast() if autocast is not None else nullcontext():
-                loss = model(**inputs, use_cache=False, **loss_kwargs).loss / accumulation
-            loss.backward()
-        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
-    if grad_clip > 0:
-        parameters = [p for p in model.parameters() if p.grad is not None]
-        if clip is not None:
-            clip(parameters, grad_clip)
-        else:
-            torch.nn.utils.clip_grad_norm_(parameters, grad_clip, foreach=True)
-    for optimizer in optimizers:
-        optimizer.step()
-    for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
-    return step_loss
-
-
-def compile_model(model: torch.nn.Module) -> torch.nn.Module:
-    """torch.compile the parts of `model` that do the work, in place ("regional" compilation).
-
-    For our model: each decoder block, and the output head with its loss. The blocks share one
-    compiled graph (same code, same shapes), so compiling takes about as long as for one block,
-    not the whole stack (on this project's CPU: 13 s against 79 s for a 12-layer model compiled
-    whole); what stays eager (embedding lookup, rotary tables, the mask, the final norm) is a handful
-    of kernels. torchtitan compiles per block the same way, and compiles its loss apart. Another
-    model (a GPT-2 baseline) is compiled whole.
-    """
-    if isinstance(model, IterativeLLMForCausalLM):
-        for layer in model.model.layers:
-            layer.compile()
-        model.loss_from_hidden_states = torch.compile(model.loss_from_hidden_states)
-        return model
-    model.compile()
-    return model
-
-
-def eagerly(compiled: bool):
-    """Run the compiled regions eagerly inside this context: evaluation and sampling see other shapes
-    (and generation a new length at every token), each of which would compile again."""
-    if compiled and hasattr(torch.compiler, "set_stance"):
-        return torch.compiler.set_stance("force_eager")
-    return nullcontext()
-
-
-def warm_up_compiled(model, inputs: dict, loss_kwargs: dict, check: bool) -> str | None:
-    """Run one throwaway forward and backward (torch.compile does its work here) and leave no
-    gradients behind. With `check`, also run it eagerly (`torch.compiler.set_stance("force_eager")`)
-    and compare: compiled gradients that are not the eager ones stop the run before it starts.
-
-    Returns a line saying how close they were, or None when not checked.
-    """
-    def gradients() -> tuple[float, list[torch.Tensor]]:
-        loss = model(**inputs, use_cache=False, **loss_kwargs).loss
-        loss.backward()
-        grads = [p.grad.detach().float().flatten().clone() if p.grad is not None else None for p in model.parameters()]
-        model.zero_grad(set_to_none=True)
-        return loss.item(), grads
-
-    compiled_loss, compiled = gradients()
-    if not check or not hasattr(torch.compiler, "set_stance"):
-        return None
-    with eagerly(True):
-        eager_loss, eager = gradients()
-    pairs = [(c, e) for c, e in zip(compiled, eager) if e is not None]
-    if any(c is None for c, _ in pairs):
-        missing = sum(c is None for c, _ in pairs)
-        raise TrainingError(
-            f"The compiled model produced no gradient for {missing} parameters that have one when run eagerly. "
-            f"Train with --compile false, and please report this with your torch version ({torch.__version__})."
-        )
-    reference = math.sqrt(sum(float(e.square().sum()) for _, e in pairs))
-    difference = math.sqrt(sum(float((c - e).square().sum()) for c, e in pairs))
-    relative = difference / max(reference, 1e-30)
-    # Same numbers in another order of operations: under bf16 a few 1e-3 apart, never near 1 (a zero
-    # gradient is exactly 1). 0.1 leaves room for rounding and none for a wrong graph.
-    if not math.isfinite(relative) or relative > 0.1 or abs(compiled_loss - eager_loss) > 0.05 * max(abs(eager_loss), 1.0):
-        raise TrainingError(
-            f"torch.compile changed what the model computes: on the same batch the compiled loss is {compiled_loss:.4f} "
-            f"and the eager loss {eager_loss:.4f}; the compiled gradients differ from the eager ones by {relative:.3f} "
-            f"(relative norm; 0 = identical, 1 = e.g. all zero). Training would learn nothing or the wrong thing. "
-            f"Train with --compile false (slower, correct), or try --precision fp32 to see whether bf16 is involved, "
-            f"and please report it with your torch version ({torch.__version__}). "
-            f"To skip this check: --compile_check false."
-        )
-    return f"compiled gradients match eager ones (relative difference {relative:.1e}, loss {compiled_loss:.4f} vs {eager_loss:.4f})"
-
-
-class LearningCheck:
-    """Stops a run whose training loss has not fallen after its first stretch.
-
-    A run that learns nothing (zero gradients from a broken compiled graph, learning rates of zero,
-    a precision problem) looks busy: steps tick and tokens/s are fine. After the first stretch, at
-    least `MIN_STEPS` steps and 2% of the budget, its loss must be clearly below the first step's:
-    by at least 1% (a healthy run has fallen by a large part of it: 8.3 -> 4.4 nats in 40 steps of the
-    tiny preset on an H100; 11.7 -> 4.9 in 12 of gpt2-small). Checked once, for a run that starts at
-    step 0 (a resumed run starts with a loss already low).
-    """
-
-    MIN_STEPS = 20
-    MIN_FRACTION = 0.02
-    MIN_DROP = 0.01
-
-    def __init__(self, config: TrainConfig, start_step: int):
-        self.config = config
-        self.first_loss: float | None = None
-        self.done = start_step > 0
-
-    def check(self, step: int, fraction: float, recent_loss: float) -> None:
-        if self.done or self.first_loss is None or step < self.MIN_STEPS or fraction < self.MIN_FRACTION:
-            return
-        self.done = True
-        if recent_loss < self.first_loss * (1.0 - self.MIN_DROP):
-            return
-        c = self.config
-        raise TrainingError(
-            f"The model is not learning: after {step} steps the training loss is {recent_loss:.4f}, and it was "
-            f"{self.first_loss:.4f} at the first step. Stopped instead of spending the rest of the budget. Likely causes:\n"
-            f"  - torch.compile (--compile {str(c.compile).lower()}): run the same command with --compile false; if that "
-            f"learns, the compiled graph is at fault (benchmarks/gpu_check.py compares compiled and eager gradients).\n"
-            f"  - precision (--precision {c.precision}): try --precision fp32.\n"
-            f"  - learning rates: --lr_matrix {c.lr_matrix}, --lr_embed {c.lr_embed}, --lr_head {c.lr_head}, "
-            f"--lr_scalar {c.lr_scalar} (Muon + AdamW) or --adamw_lr {c.adamw_lr} (--optimizer adamw), and "
-            f"--warmup_steps {c.warmup_steps}: none may be zero or tiny.\n"
-            f"To turn this check off: --stop_if_not_learning false."
-        )
-
-
-# ---------------------------------------------------------------------- helpers of the steps above
-
-
-def _tokenizer(config: TrainConfig, data_dir: Path, main_process: bool, say):
-    """The given tokenizer, the one already trained for this data cache, or a new one."""
-    if config.tokenizer:
-        return load_tokenizer(config.tokenizer)
-    saved = data_dir / "tokenizer"
-    if saved.is_dir():
-        return load_tokenizer(saved)
-    if not main_process:
-        return None
-    vocab_size = config.model.get("vocab_size") or IterativeLLMConfig.from_preset(config.model_preset).vocab_size
-    say(f"training a {vocab_size}-token byte-level BPE tokenizer on {config.data} ...")
-    start = time.perf_counter()
-    tokenizer = train_tokenizer(_limited(iter_documents(
-        config.data, text_column=config.text_column, doc_separator=config.doc_separator,
-        max_documents=config.max_documents), config.tokenizer_train_chars), vocab_size=vocab_size)
-    tokenizer.save_pretrained(saved)
-    say(f"tokenizer: {len(tokenizer)} tokens in {time.perf_counter() - start:.1f} s, saved to {saved}")
-    return tokenizer
+    try:
+        if main_process:
+            vocab_size = config.model.get("vocab_size") or IterativeLLMConfig.from_preset(config.model_preset).vocab_size
+            tokenizer = tokenizer_for(
+                config.data, data_dir, tokenizer=config.tokenizer, vocab_size=vocab_size,
+                text_column=config.text_column, doc_separator=config.doc_separator,
+                max_documents=config.max_documents, train_chars=config.tokenizer_train_chars, say=say,
+            )
+            _prepare_shards(config, tokenizer, data_dir, out)
+        accelerator.wait_for_everyone()
+        if not main_process:
+            tokenizer = load_tokenizer(config.tokenizer or data_dir / TOKENIZER_DIR)
+    except BaseException:
+        if main_process:
+            _remove_created(created, say)
+        raise
+    dataset = ShardedDataset.open(data_dir)
+    train_split, val_split = dataset.split("train"), dataset.split("val")
+    say(f"data: {train_split.num_tokens:,} training tokens in {train_split.num_documents:,} documents, "
+        f"{val_split.num_tokens:,} validation tokens ({data_dir})")
+    return tokenizer, train_split, val_split
 
 
 def _prepare_shards(config: TrainConfig, tokenizer, data_dir: Path, out: Path) -> None:
@@ -628,14 +358,168 @@ def _prepare_shards(config: TrainConfig, tokenizer, data_dir: Path, out: Path) -
         ) from err
 
 
-def _check_model_settings(config: TrainConfig) -> None:
-    """Model settings that cannot work, found before the run folder is made."""
-    model_config = IterativeLLMConfig.from_preset(config.model_preset, **config.model)
-    if config.seq_len > model_config.max_position_embeddings:
-        raise ValueError(
-            f"seq_len ({config.seq_len}) is longer than the model's max_position_embeddings "
-            f"({model_config.max_position_embeddings}): lower --seq_len or set --model.max_position_embeddings."
-        )
+def _build_model(config: TrainConfig, tokenizer, device, model_factory):
+    """The model config (the preset, the `model:` overrides, the tokenizer's size and special ids)
+    and the model on `device`, seeded."""
+    model_fields = dict(config.model)
+    model_fields.setdefault("vocab_size", _round_up(len(tokenizer), 64))  # multiples of 64 suit matmul kernels
+    model_fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    model_config = IterativeLLMConfig.from_preset(config.model_preset, **model_fields)
+    check_tokenizer_matches_model(tokenizer, model_config)
+    torch.manual_seed(config.seed)
+    model = (model_factory or IterativeLLMForCausalLM)(model_config).to(device)
+    if config.activation_checkpointing:
+        model.activation_checkpointing_enable()
+    model.train()
+    return model_config, model
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+def train_loop(run: Run) -> str | None:
+    """Optimizer steps until the budget is spent; returns the signal's name when Ctrl-C or SIGTERM
+    stopped it first (after a checkpoint), else None."""
+    config, state, accelerator = run.config, run.state, run.accelerator
+    # Ctrl-C / SIGTERM ask the loop to checkpoint and stop at the end of the current step.
+    stop_requested = {"signal": None}
+
+    def request_stop(signum, frame):
+        if stop_requested["signal"] is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        stop_requested["signal"] = signal.Signals(signum).name
+
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if _in_main_thread() else {}
+    bar = _progress_bar(config, run.main_process, state["step"], run.accumulation, run.world_size)
+    log = _TrainingLog(run, bar)
+    clip = (lambda parameters, max_norm: accelerator.clip_grad_norm_(parameters, max_norm))
+    try:
+        while run.progress() < 1.0:
+            step_start = time.perf_counter()
+            multiplier = lr_multiplier(state["step"], config.warmup_steps, run.progress(),
+                                       cooldown_fraction=config.cooldown_fraction, final_ratio=config.final_lr_ratio,
+                                       shape=config.schedule)
+            apply_lr(run.optimizers, multiplier)
+            if config.optimizer == "muon":
+                apply_muon_momentum(run.optimizers, muon_momentum(state["step"], warmup_steps=config.muon_momentum_warmup_steps))
+
+            step_loss = train_step(
+                run.model, run.optimizers, (run.step_inputs(micro, state["step"]) for micro in range(run.accumulation)),
+                accumulation=run.accumulation, grad_clip=config.grad_clip, loss_kwargs=run.loss_kwargs, clip=clip,
+                # Gradients are averaged across processes only on the last micro-step.
+                no_sync=(lambda: accelerator.no_sync(run.model)) if run.world_size > 1 else None,
+            )
+            log.add(step_loss)
+            if run.device.type == "cuda" and (state["step"] + 1) % config.log_every == 0:
+                torch.cuda.synchronize()  # so the step times below are real, not queued work
+            elapsed = time.perf_counter() - step_start
+            state["step"] += 1
+            state["tokens"] += run.tokens_per_step
+            state["time"] += elapsed
+            log.seconds += elapsed
+
+            last_step = run.progress() >= 1.0
+            due = lambda every: every > 0 and state["step"] % every == 0  # noqa: E731
+            stop_now = stop_requested["signal"] is not None
+            if due(config.log_every) or last_step or stop_now or due(config.checkpoint_every):
+                log.write(multiplier)
+            if bar is not None:
+                bar.update(1)
+
+            if due(config.eval_every) and not last_step:
+                result = run.evaluate()
+                run.say(f"step {state['step']}: val loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits per byte")
+            if due(config.sample_every) and not last_step:
+                run.samples()
+            if stop_now:
+                run.checkpoint(f"stopped by {stop_requested['signal']}")
+                return stop_requested["signal"]
+            if due(config.checkpoint_every) and not last_step:
+                run.checkpoint("scheduled")
+    finally:
+        if bar is not None:
+            bar.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    return None
+
+
+class _TrainingLog:
+    """The training rows of metrics.jsonl (mean loss, speed) since the last one, and the checks made on them."""
+
+    def __init__(self, run: Run, bar):
+        self.run, self.bar = run, bar
+        self.loss_sum = torch.zeros((), device=run.device)  # summed on the device; read only when logged
+        self.steps, self.seconds = 0, 0.0
+        self.learning = LearningCheck(run.config, start_step=run.state["step"]) if run.config.stop_if_not_learning else None
+        self.flops_per_token = flops_per_token(run.raw_model.config, run.config.seq_len)
+        self.peak_flops = peak_flops(run.device)
+
+    def add(self, step_loss: torch.Tensor) -> None:
+        self.loss_sum += step_loss
+        self.steps += 1
+        if self.learning is not None and self.learning.first_loss is None:
+            # One read of the device, at the first step: the loss the learning check compares with.
+            self.learning.first_loss = self.run.first_loss = self.run.accelerator.reduce(step_loss, reduction="mean").item()
+
+    def write(self, multiplier: float) -> None:
+        run, state = self.run, self.run.state
+        mean_loss = run.accelerator.reduce(self.loss_sum, reduction="mean").item() / self.steps
+        check_loss_finite(mean_loss, state["step"], run.out)
+        tokens_per_second = self.steps * run.tokens_per_step / max(self.seconds, 1e-9)
+        mfu = self.flops_per_token * tokens_per_second / (self.peak_flops * run.world_size) if self.peak_flops else None
+        run.log_row({"kind": "train", "step": state["step"], "tokens": state["tokens"], "time": round(state["time"], 3),
+                     "loss": mean_loss, "lr": multiplier, "tokens_per_second": tokens_per_second, "mfu": mfu})
+        if run.config.report_to != "none":
+            run.accelerator.log({"train_loss": mean_loss, "lr_multiplier": multiplier,
+                                 "tokens_per_second": tokens_per_second}, step=state["step"])
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_second:,.0f}",
+                                 **({"mfu": f"{100 * mfu:.1f}%"} if mfu is not None else {}))
+            _set_bar_total(self.bar, state["step"], run.progress())
+        if self.learning is not None:
+            self.learning.check(state["step"], run.progress(), mean_loss)
+        self.loss_sum.zero_()
+        self.steps, self.seconds = 0, 0.0
+
+
+# ---------------------------------------------------------------------- the end
+
+
+def finish(run: Run) -> dict:
+    """The final evaluation and samples, a last checkpoint, and the model folder with its summary."""
+    state = run.state
+    result = run.evaluate()
+    run.say(f"final: step {state['step']}, {state['tokens']:,} tokens, {state['time']:.1f} s of training, "
+            f"val loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits per byte")
+    run.samples()
+    run.checkpoint("end of training")
+    config = run.config
+    summary = {
+        "steps": state["step"], "tokens": state["tokens"], "time": round(state["time"], 3),
+        "final_val_loss": result["val_loss"], "final_val_bpb": result["val_bpb"],
+        "parameters": run.raw_model.num_parameters(), "preset": config.model_preset, "data": config.data,
+        "train_tokens_available": run.train_split.num_tokens, "val_tokens": run.val_split.num_tokens,
+        "processes": run.world_size, "precision": run.precision, "hardware": _hardware(run.device, run.world_size),
+        "compile": config.compile, "compile_seconds": round(run.compile_seconds, 3),
+        "first_loss": run.first_loss,
+    }
+    if run.main_process:
+        export_model_folder(run.out, run.raw_model, run.tokenizer, summary)
+        run.say(f"model folder: {run.out} (load it with AutoModelForCausalLM.from_pretrained({str(run.out)!r}))")
+    _end_processes(run.accelerator)
+    return summary
+
+
+def _end_processes(accelerator) -> None:
+    """The end of a run, in order on every process: all meet, the trackers close, the process group goes
+    (accelerate's end_training calls torch.distributed.destroy_process_group)."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+# ---------------------------------------------------------------------- helpers of the steps above
 
 
 def _remove_created(created: list[Path], say) -> None:
@@ -650,26 +534,8 @@ def _remove_created(created: list[Path], say) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _limited(documents, max_chars: int):
-    seen = 0
-    for document in documents:
-        yield document
-        seen += len(document)
-        if seen >= max_chars:
-            return
-
-
 def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
-
-
-def _check_resume_settings(state: dict, config: TrainConfig, tokens_per_step: int) -> None:
-    if state.get("tokens_per_step") not in (None, tokens_per_step) or state.get("seed") not in (None, config.seed):
-        raise CheckpointError(
-            f"The checkpoint was written with {state.get('tokens_per_step')} tokens per step and seed "
-            f"{state.get('seed')}, but the settings now give {tokens_per_step} and {config.seed}: the data order "
-            f"would not continue where it stopped. Resume with the run's own settings (see {run_folder.RUN_CONFIG})."
-        )
 
 
 def _write_run_files(out: Path, config, model_config, tokenizer, resumed: bool, step: int) -> None:
