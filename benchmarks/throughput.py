@@ -7,7 +7,7 @@
         --grad-accum 32 --activation-checkpointing                         # the same step on a 24 GB card
 
 Two contestants, built at the same width, depth, heads, context and vocabulary:
-- ours: IterativeLLMForCausalLM with the training step of training/pretrain.py (forward with labels and
+- ours: IterativeLLMForCausalLM with the training step of training/step.py (forward with labels and
   the chunked `skip_logits` loss unless `--plain-loss`, backward, gradient clipping, Muon + AdamW from `build_optimizers`, zero_grad);
 - gpt2: transformers' GPT2LMHeadModel (as benchmarks/pretrain_recipe.py builds it) with the same
   step but a plain AdamW (`build_optimizers(optimizer="adamw")`, fused on GPU).
@@ -33,7 +33,7 @@ Generation: a batch of random prompts, a fixed number of new tokens (greedy, no 
 KV cache: transformers' dynamic cache, and with `--compile` also the static cache with the decoding
 step compiled (`cache_implementation="static"`; on CUDA transformers' auto-compile, CUDA graphs).
 
-`--compile` compiles our model as training does (training/pretrain.py `compile_model`: each block and
+`--compile` compiles our model as training does (training/step.py `compile_model`: each block and
 the loss; the optimizer step stays eager, its Newton-Schulz work batched by shape); `--compile-baseline`
 compiles GPT-2 too (whole, like for like). The table says which contestant ran how. Each phase prints
 a line as it starts and ends, with the seconds since the start (`--quiet` prints only the table).
@@ -64,8 +64,8 @@ from benchmarks.pretrain_recipe import gpt2_factory  # noqa: E402
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM  # noqa: E402
 from training.evaluate import flops_per_token, peak_flops  # noqa: E402
 from training.optim import build_optimizers  # noqa: E402
-from training.pretrain import compile_model as pretrain_compile  # noqa: E402
-from training.pretrain import train_step  # noqa: E402
+from training.step import compile_model as pretrain_compile  # noqa: E402
+from training.step import to_model_inputs, train_step  # noqa: E402
 
 # Each training preset's step (training/presets/*.yaml): micro-batch rows, tokens per row, and the
 # micro-batches accumulated per optimizer step (batch_tokens / rows / tokens). gpt2-medium has no
@@ -90,12 +90,12 @@ class Contestant:
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], device: torch.device, autocast,
                    loss_sum: torch.Tensor, grad_clip: float) -> None:
-        """One optimizer step of training/pretrain.py (its own `train_step`) over `micro_batches`.
+        """One optimizer step of training (training/step.py `train_step`) over `micro_batches`.
 
         Nothing here waits for the device: the batches are copied asynchronously from pinned memory,
         the loss is summed on the device, and clipping never reads the norm back.
         """
-        inputs = ({k: v.to(device, non_blocking=True) for k, v in batch.items()} for batch in micro_batches)
+        inputs = (to_model_inputs(batch, device) for batch in micro_batches)
         loss_sum += train_step(self.model, self.optimizers, inputs, accumulation=len(micro_batches),
                                grad_clip=grad_clip, loss_kwargs=self.loss_kwargs, autocast=autocast)
 
@@ -144,12 +144,13 @@ def build_contestants(args, device: torch.device) -> tuple[Contestant, Contestan
 
 def make_batches(count: int, batch_size: int, seq_len: int, vocab_size: int, pin: bool) -> list[dict]:
     """Random-token batches (never zeros: they can run faster than real data), in host memory,
-    pinned on CUDA so the copy to the device is asynchronous. labels = input_ids: the model shifts."""
+    pinned on CUDA so the copy to the device is asynchronous. Shaped as training's batches: T + 1
+    tokens read, the next tokens as labels (training/step.py `to_model_inputs` hands them over)."""
     generator = torch.Generator().manual_seed(1234)
     batches = []
     for _ in range(count):
-        ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
-        batch = {"input_ids": ids, "labels": ids.clone()}
+        ids = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=generator)
+        batch = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()}
         batches.append({k: v.pin_memory() for k, v in batch.items()} if pin else batch)
     return batches
 
