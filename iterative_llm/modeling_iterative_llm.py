@@ -37,7 +37,7 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
@@ -559,8 +559,9 @@ class IterativeLLMForCausalLM(IterativeLLMPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         r"""labels (B, T): the input ids themselves (shifted inside), -100 where no loss is wanted.
 
-        logits_to_keep: an int keeps the logits of the last that many positions (0 keeps all);
-        generation passes 1, so only the last position pays for the (B, T, V) projection.
+        logits_to_keep: an int keeps the logits of the last that many positions (0 keeps all), a tensor
+        the positions it names; generation passes 1, so only the last position pays for the (B, T, V)
+        projection.
         skip_logits: compute only the loss, chunk by chunk, and return no logits (the name the
         Trainer passes with `use_liger_kernel`): faster and far smaller when the vocabulary is
         large next to the width. Pretraining uses it.
@@ -584,11 +585,8 @@ class IterativeLLMForCausalLM(IterativeLLMPreTrainedModel, GenerationMixin):
                 loss=loss, logits=None, cache=outputs.cache,
                 hidden_states=outputs.hidden_states, attentions=outputs.attentions,
             )
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+        # transformers' own slicing: the last N positions, given positions, or a boolean mask (packed rows).
+        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
         if cap is not None:
             # Soft-capping in float32: bounded logits keep early training stable (Gemma 2; modded-nanogpt).
             logits = cap * torch.tanh(logits.float() / cap)

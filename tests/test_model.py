@@ -238,6 +238,20 @@ def test_logits_to_keep_keeps_the_last_positions(model):
     torch.testing.assert_close(model(x, logits_to_keep=1).logits, model(x).logits[:, -1:])
 
 
+def test_logits_to_keep_as_positions_keeps_those_positions(model):
+    """transformers' forms beside the int: positions for every row, positions per row (B, N), and a
+    boolean mask (packed rows: the kept positions, flattened)."""
+    x = ids()
+    full = model(x).logits
+    torch.testing.assert_close(model(x, logits_to_keep=torch.tensor([0, 5])).logits, full[:, [0, 5]])
+    per_row = torch.tensor([[1, 2], [3, 11]])
+    torch.testing.assert_close(model(x, logits_to_keep=per_row).logits,
+                               torch.stack([full[0, [1, 2]], full[1, [3, 11]]]))
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    mask[0, 4] = mask[1, 7] = mask[1, 8] = True
+    torch.testing.assert_close(model(x, logits_to_keep=mask).logits, full[mask])
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
         model = tiny_model().train()
