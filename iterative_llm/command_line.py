@@ -20,7 +20,7 @@ from transformers import HfArgumentParser
 
 
 def did_you_mean(name: str, choices: list[str]) -> str:
-    """" Did you mean 'x'?" naming the choice closest to `name`, or "" when none is close.
+    """The hint `" Did you mean 'x'?"` naming the choice closest to `name`, or "" when none is close.
 
     Dashes and underscores count alike (`--max-step` is close to `--max_steps`); the first spelling
     of each name in `choices` is the one named, so a listed `--max_steps` wins over its alias."""
@@ -88,7 +88,8 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         shows_default = action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
-        if shows_default and not action.required and action.default is not argparse.SUPPRESS and "%(default)" not in text:
+        shows_default = shows_default and not action.required and action.default is not argparse.SUPPRESS
+        if shows_default and "%(default)" not in text:
             text += f" (default: {shown(action.default)})".replace("%", "%%")  # argparse %-formats help
         return text
 

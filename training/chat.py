@@ -31,7 +31,7 @@ class ChatArguments:
     max_new_tokens: int = field(default=256, metadata={"help": "the longest reply, in tokens"})
     do_sample: bool = field(default=True, metadata={"help": "sample replies (--do_sample false: greedy)"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling: keep the most likely tokens up to this mass"})
+    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling: keep the likeliest tokens up to this mass"})
     repetition_penalty: float = field(default=1.1, metadata={"help": "penalty on tokens already in the conversation"})
     seed: int | None = field(default=None, metadata={"help": "seed for reproducible sampling"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (none: cuda when there is one)"})
@@ -158,7 +158,7 @@ USAGE = "iterative-llm chat MODEL [options]   (then type at the `you>` prompt; C
 
 
 @dataclass
-class ChatModel:
+class ChatModelArgument:
     """The model folder as the first argument (`iterative-llm chat runs/tiny-sft`); kept out of
     ChatArguments, which also has --model_name_or_path, the name sft and dpo use."""
 
@@ -168,7 +168,7 @@ class ChatModel:
 
 
 def build_parser() -> CommandParser:
-    return CommandParser((ChatModel, ChatArguments), prog="iterative-llm chat", usage=USAGE,
+    return CommandParser((ChatModelArgument, ChatArguments), prog="iterative-llm chat", usage=USAGE,
                          description="Talk to a chat model in the terminal.")
 
 

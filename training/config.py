@@ -8,7 +8,8 @@ the dataclass defaults, the preset's YAML (`training/presets/tiny.yaml`), an opt
 
 `--resume` starts instead from the run's own settings (`OUT/run_config.yaml`): only the settings in
 RESUME_MAY_CHANGE may differ there, since any other would change the data order or the model.
-Each field's `--help` line lives beside it, in `setting(default, help)`.
+Each field's `--help` line lives beside it, in `setting(default, help)`; the parser is a CommandParser and
+its mistakes are reported as every command's are (iterative_llm/command_line.py).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def build_parser() -> TrlParser:
     return TrlParser((DataArguments, DPOConfig, ModelConfig), prog="iterative-llm dpo", allow_abbrev=False)
 
 
-make_parser = build_parser  # the name TRL-style callers (benchmarks/alignment.py, tests) use
+make_parser = build_parser  # its older name, which tests/test_alignment_data.py uses
 
 
 def frozen_copy(model):

@@ -43,7 +43,8 @@ class EvalArguments:
         "help": "a JSONL file of HellaSwag records, or `hub` for the validation split of Rowan/hellaswag"})
     limit: int | None = field(default=None, metadata={"help": "score only the first N HellaSwag items"})
     text: str | None = field(default=None, metadata={
-        "metavar": "SOURCE", "help": "text for bits per byte: files, folders, or a hub dataset (NAME[:CONFIG][@SPLIT])"})
+        "metavar": "SOURCE",
+        "help": "text for bits per byte: files, folders, or a hub dataset (NAME[:CONFIG][@SPLIT])"})
     text_column: str = field(default="text", metadata={"help": "column holding the text (jsonl, parquet, hub)"})
     doc_separator: str | None = field(default=None, metadata={"help": "split .txt files into documents on this string"})
     max_documents: int | None = field(default=None, metadata={"help": "read at most this many documents"})
@@ -56,7 +57,8 @@ class EvalArguments:
         "help": "the dtype the models are loaded in"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow hub models that ship their own code (our folders do not need it)"})
-    json: str | None = field(default=None, metadata={"metavar": "OUT", "help": "also write the figures to this JSON file"})
+    json: str | None = field(default=None, metadata={"metavar": "OUT",
+                                                     "help": "also write the figures to this JSON file"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self):

@@ -59,7 +59,8 @@ class GenerateArguments:
     num_samples: int = field(default=1, metadata={"help": "texts to write"})
     seed: int | None = field(default=None, metadata={"help": "seed for repeatable sampling"})
     cache: Literal["dynamic", "static"] | None = field(
-        default=None, metadata={"help": "key/value cache: dynamic or static (none given: static with --compile, else dynamic)"})
+        default=None,
+        metadata={"help": "key/value cache: dynamic or static (none given: static with --compile, else dynamic)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the decoding step (static cache)"})
 
     def __post_init__(self):

@@ -426,7 +426,8 @@ class PrepareArguments:
         "help": "the share of the documents held out for validation when --val_data is not given"})
     shard_tokens: int = field(default=50_000_000, metadata={"help": "tokens per shard file"})
     max_documents: int | None = field(default=None, metadata={"help": "read at most this many documents"})
-    max_tokens: int | None = field(default=None, metadata={"help": "read at most this many tokens (boundary tokens included)"})
+    max_tokens: int | None = field(default=None, metadata={
+        "help": "read at most this many tokens (boundary tokens included)"})
 
 
 def build_parser() -> CommandParser:

@@ -73,7 +73,7 @@ def build_parser() -> TrlParser:
     return TrlParser((SFTScriptArguments, SFTConfig, ModelConfig), prog="iterative-llm sft", allow_abbrev=False)
 
 
-make_parser = build_parser  # the name TRL-style callers (benchmarks/alignment.py, tests) use
+make_parser = build_parser  # its older name, which tests/test_alignment_data.py uses
 
 
 # ----------------------------------------------------------------------------------------------------
