@@ -12,11 +12,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import sys
 import types
 from typing import Any, Callable, Literal, Union, get_args, get_origin
 
 import yaml
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
+
+# The words HfArgumentParser's string_to_bool reads as a boolean.
+_BOOLEAN_WORDS = ("yes", "no", "true", "false", "t", "f", "y", "n", "1", "0")
 
 
 def did_you_mean(name: str, choices: list[str]) -> str:
@@ -128,6 +133,20 @@ class CommandParser(HfArgumentParser):
             option.type = _none_or(option.type)
         for action in complement:  # `--no_X`, which HfArgumentParser adds for a boolean that is True
             action.help, action.default = f"the same as --{field.name} false", argparse.SUPPRESS
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        # A boolean option takes an optional value (`--compile false`), so argparse would take the word
+        # after a bare `--compile` as that value: `generate RUN --compile "Once upon"` would fail. A word
+        # that is not true/false/yes/no/... after one is left to the positionals instead.
+        args = list(sys.argv[1:] if args is None else args)
+        flags = {name for action in self._actions if action.type is string_to_bool and action.nargs == "?"
+                 for name in action.option_strings}
+        for i, token in enumerate(args[:-1]):
+            if token == "--":
+                break
+            if token in flags and args[i + 1].lower() not in _BOOLEAN_WORDS:
+                args[i] = token + "=true"
+        return super().parse_known_args(args, namespace)
 
     @staticmethod
     def _add_positional(parser: Any, field: dataclasses.Field) -> None:

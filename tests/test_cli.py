@@ -92,7 +92,7 @@ def test_every_command_answers_a_mistyped_option_with_a_hint(stage, capsys):
         (["generate", "RUN", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
         (["eval", "MODEL", "--text", "t.txt", "--batch-size", "0"], "--batch_size must be at least 1, got 0"),
         (["train", "--sample_prompts", "[a, b"], "--sample_prompts '[a, b' is not a value"),
-        (["chat", "MODEL", "--do_sample", "maybe"], "Truthy value expected: got maybe"),
+        (["chat", "MODEL", "--do_sample=maybe"], "Truthy value expected: got maybe"),
         (["sft", "--config", "no-such-file.yaml"], "No such file or directory: 'no-such-file.yaml'"),
     ],
     ids=["generate-refused", "generate-not-a-number", "eval", "train-yaml", "chat-bool", "sft-config"],
@@ -239,3 +239,12 @@ def test_chat_usage_mistakes_get_a_usage_message(tmp_path, capsys, arguments, me
 def test_chat_names_a_missing_folder(tmp_path, capsys):
     assert cli_main(["chat", str(tmp_path / "no-such-run")]) == 2
     assert f"no folder {str(tmp_path / 'no-such-run')!r}" in capsys.readouterr().err
+
+
+def test_a_bare_boolean_option_leaves_the_next_word_to_the_arguments(tmp_path, capsys):
+    """`--trust_remote_code` may take a value (`--trust_remote_code false`), but a folder after it is the folder."""
+    missing = str(tmp_path / "no-such-run")
+    assert cli_main(["chat", "--trust_remote_code", missing]) == 2
+    assert f"no folder {missing!r}" in capsys.readouterr().err
+    assert cli_main(["chat", "--do_sample", "false", missing]) == 2
+    assert f"no folder {missing!r}" in capsys.readouterr().err
