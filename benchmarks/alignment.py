@@ -84,10 +84,10 @@ def main(argv=None) -> dict:
     if args.eval_repetition_penalty is not None:
         extra += ["--eval_repetition_penalty", str(args.eval_repetition_penalty)]
     start = time.time()
-    sft_args = sft.make_parser().parse_args_and_config(
+    sft_args = sft.build_parser().parse_args_and_config(
         args=stage_argv(args.sft_config, args.model, sft_data, out / "sft", args, extra))
     sft_figures = sft.run(*sft_args)
-    dpo_args = dpo.make_parser().parse_args_and_config(
+    dpo_args = dpo.build_parser().parse_args_and_config(
         args=stage_argv(args.dpo_config, str(out / "sft"), dpo_data, out / "dpo", args))
     dpo_figures = dpo.run(*dpo_args)
 

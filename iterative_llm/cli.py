@@ -1,7 +1,8 @@
 """The `iterative-llm` command: one entry point that hands each stage to the module that does it.
 
 Each stage is an ordinary module with a `main(argv)` function, so it also runs on its own
-(`python -m training.pretrain ...`, `accelerate launch -m training.pretrain ...`). Modules are
+(`python -m training.pretrain ...`, `accelerate launch -m training.pretrain ...`), and a
+`build_parser()`: every stage reads its options one way (iterative_llm/command_line.py). Modules are
 imported only when their stage is asked for, so `iterative-llm --help` stays fast and a stage's
 heavy dependencies (datasets, trl, matplotlib) are needed only by that stage.
 """

@@ -11,7 +11,6 @@ The workflow it serves: change one thing, train, compare.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -19,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 
 from . import run_folder
+from .command_line import CommandParser, parse_command_line
 
 MISSING = "—"  # a field one run has and another does not
 # Fields that name or steer the run folder itself, not what is trained: always different, never news.
@@ -292,19 +292,23 @@ def plot(runs: list[Run], path: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+@dataclass
+class CompareArguments:
+    runs: list[str] = field(metadata={"positional": True, "nargs": "+", "metavar": "RUN",
+                                      "help": "run folders (runs/NAME) written by `iterative-llm train`"})
+    out: str = field(default="compare.png", metadata={"help": "where to write the picture"})
+
+
+def build_parser() -> CommandParser:
+    return CommandParser(
+        CompareArguments,
         prog="iterative-llm compare",
-        allow_abbrev=False,
         description="Plot several training runs' validation bits per byte and tabulate how their configs differ.",
     )
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs/NAME) written by `iterative-llm train`")
-    parser.add_argument("--out", default="compare.png", help="where to write the picture (default compare.png)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    (args,) = parse_command_line(build_parser(), argv)
     try:
         runs = [read_run(p) for p in args.runs]
         for run, name in zip(runs, _names(args.runs)):

@@ -27,13 +27,14 @@ matplotlib is needed for the pictures only; the numbers are computed with torch 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 
 import torch
 
+from .command_line import CommandParser, parse_command_line
 from .explain_code import code_range
 from .explain_pictures import write_pictures
 from .explain_report import write_report
@@ -109,24 +110,28 @@ def run(model, tokenizer, text: str, *, layer: int = 0, head: int = 0, top_k: in
     return ex, steps
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+@dataclass
+class ExplainArguments:
+    model: str = field(metadata={"positional": True, "metavar": "MODEL",
+                                 "help": "a run folder (runs/NAME) or a saved model folder with its tokenizer"})
+    sentence: str = field(metadata={"positional": True, "metavar": "SENTENCE",
+                                    "help": "the text to walk through the model"})
+    layer: int = field(default=0, metadata={"help": "layer whose attention is shown step by step"})
+    head: int = field(default=0, metadata={"help": "attention head shown step by step"})
+    top_k: int = field(default=10, metadata={"help": "how many next-token candidates to list"})
+    out: str = field(default="explain_out", metadata={"help": "folder for the pictures and report.html"})
+
+
+def build_parser() -> CommandParser:
+    return CommandParser(
+        ExplainArguments,
         prog="iterative-llm explain",
-        allow_abbrev=False,
         description="Walk a sentence through the model step by step, with the real numbers and pictures.",
     )
-    parser.add_argument("model", help="a run folder (runs/NAME) or a saved model folder with its tokenizer")
-    parser.add_argument("sentence", help="the text to walk through the model")
-    parser.add_argument("--layer", type=int, default=0, help="layer whose attention is shown step by step (default 0)")
-    parser.add_argument("--head", type=int, default=0, help="attention head shown step by step (default 0)")
-    # Underscores, like every other command; the dashed spelling is an alias.
-    parser.add_argument("--top_k", "--top-k", type=int, default=10, help="how many next-token candidates to list (default 10)")
-    parser.add_argument("--out", default="explain_out", help="folder for the pictures and report.html (default explain_out/)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    (args,) = parse_command_line(build_parser(), argv)
     try:
         model, tokenizer = load(args.model)
         run(model, tokenizer, args.sentence, layer=args.layer, head=args.head, top_k=args.top_k,

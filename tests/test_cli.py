@@ -56,6 +56,89 @@ def test_every_option_of_every_command_takes_underscores_and_dashes(stage):
             assert "_" in two_word[0], f"`iterative-llm {stage}` lists {two_word[0]} before its underscore spelling"
 
 
+# ----------------------------------------------------------------------------------------------------
+# one way to read a command line (iterative_llm/command_line.py)
+
+# stage -> (a command line with one mistyped option, the option meant). Required arguments are given,
+# so that the mistyped option is what the command objects to.
+TYPOS = {
+    "prepare": (["SOURCE", "OUT", "--tokenizer", "TOK", "--shard_token", "5"], "--shard_tokens"),
+    "train": (["--max_step", "5"], "--max_steps"),
+    "generate": (["RUN", "--max-new-token", "5"], "--max_new_tokens"),
+    "sft": (["--num_heldot", "3"], "--num_heldout"),
+    "dpo": (["--learning_rat", "1e-6"], "--learning_rate"),
+    "chat": (["MODEL", "--temprature", "0"], "--temperature"),
+    "eval": (["MODEL", "--hellaswg", "hub"], "--hellaswag"),
+    "explain": (["MODEL", "a sentence", "--top-kk", "3"], "--top_k"),
+    "compare": (["RUN", "--outt", "c.png"], "--out"),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_command_answers_a_mistyped_option_with_a_hint(stage, capsys):
+    arguments, meant = TYPOS[stage]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([stage, *arguments])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.strip().splitlines()[-1].endswith(
+        f"error: unrecognized arguments: {' '.join(arguments[-2:])}. Did you mean {meant!r}?"), err
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["generate", "RUN", "--max_new_tokens", "0"], "--max_new_tokens and --num_samples must be at least 1"),
+        (["generate", "RUN", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
+        (["eval", "MODEL", "--text", "t.txt", "--batch-size", "0"], "--batch_size must be at least 1, got 0"),
+        (["train", "--sample_prompts", "[a, b"], "--sample_prompts '[a, b' is not a value"),
+        (["chat", "MODEL", "--do_sample=maybe"], "Truthy value expected: got maybe"),
+        (["sft", "--config", "no-such-file.yaml"], "No such file or directory: 'no-such-file.yaml'"),
+    ],
+    ids=["generate-refused", "generate-not-a-number", "eval", "train-yaml", "chat-bool", "sft-config"],
+)
+def test_a_bad_value_is_a_one_line_usage_error(capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(arguments)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert message in err.strip().splitlines()[-1], err
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_command_lists_each_option_once(stage):
+    # the left column of each option's line (a description's "- `--text`: ..." is not one)
+    columns = re.findall(r"^ +(--?[A-Za-z][\w.-]*.*?)(?: {2,}|$)", _help(stage), re.M)
+    listed = [name for column in columns for name in re.findall(r"--[A-Za-z][\w.-]*", column)]
+    assert "--help" in listed
+    assert sorted({name for name in listed if listed.count(name) > 1}) == []
+
+
+@pytest.mark.parametrize("stage", sorted(set(STAGES) - {"sft", "dpo"}))
+def test_every_option_shows_its_default(stage):
+    """Every option the user may leave out says what it then is: `(default: none)`, `(default: true)`;
+    sft and dpo show TRL's help as TRL writes it."""
+    entries = re.findall(r"^  (-[-\w.]+)(.*(?:\n {4,}.*)*)", _help(stage), re.M)
+    silent = {option for option, text in entries if "(default" not in text}
+    # -h; the `--no_X` spelling of `--X false`; an option that must be given; train's --config file
+    assert silent <= {"-h", "--config", "--tokenizer"} | {option for option in silent if option.startswith("--no_")}
+    assert "(default: None)" not in _help(stage)  # shown as typed: none
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_command_reads_its_options_with_the_one_parser(stage):
+    import importlib
+
+    from trl import TrlParser
+
+    from iterative_llm.command_line import CommandParser
+
+    parser = importlib.import_module(STAGES[stage][0]).build_parser()
+    # sft and dpo keep TRL's parser, an HfArgumentParser like CommandParser, for TRL's options and --config.
+    assert isinstance(parser, TrlParser if stage in ("sft", "dpo") else CommandParser)
+    assert parser.allow_abbrev is False
+
+
 @pytest.fixture(scope="module")
 def small_context_folder(tmp_path_factory, tokenizer) -> Path:
     return save_model_folder(tmp_path_factory.mktemp("gen") / "model", tokenizer, max_position_embeddings=64)
@@ -156,3 +239,12 @@ def test_chat_usage_mistakes_get_a_usage_message(tmp_path, capsys, arguments, me
 def test_chat_names_a_missing_folder(tmp_path, capsys):
     assert cli_main(["chat", str(tmp_path / "no-such-run")]) == 2
     assert f"no folder {str(tmp_path / 'no-such-run')!r}" in capsys.readouterr().err
+
+
+def test_a_bare_boolean_option_leaves_the_next_word_to_the_arguments(tmp_path, capsys):
+    """`--trust_remote_code` may take a value (`--trust_remote_code false`), but a folder after it is the folder."""
+    missing = str(tmp_path / "no-such-run")
+    assert cli_main(["chat", "--trust_remote_code", missing]) == 2
+    assert f"no folder {missing!r}" in capsys.readouterr().err
+    assert cli_main(["chat", "--do_sample", "false", missing]) == 2
+    assert f"no folder {missing!r}" in capsys.readouterr().err

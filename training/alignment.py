@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from iterative_llm.command_line import parse_command_line
 from training.model_card import append_model_card_section
 from training.model_folder import (
     default_output_dir,
@@ -26,18 +27,6 @@ from training.model_folder import (
 
 class InputError(ValueError):
     """A problem with what the user gave (data, model folder, options): reported in one line, no traceback."""
-
-
-def parse_command_line(parser, argv: list[str] | None):
-    """`parser.parse_args_and_config` (TrlParser), with a mistyped option or a bad value reported as a usage
-    error, not a traceback."""
-    try:
-        *parsed, unknown = parser.parse_args_and_config(args=argv, return_remaining_strings=True)
-    except ValueError as err:  # a value a config's __post_init__ refuses
-        parser.error(str(err))
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return parsed
 
 
 def resolve_device_defaults(args) -> None:
@@ -156,7 +145,9 @@ def finish(trainer, tokenizer, stage: str, title: str, rows: dict, figures: dict
 
 def run_script(parser, run, argv: list[str] | None) -> int:
     """A script's `main()`: parse the command line, `run`, and report an InputError in one line (exit 2)."""
-    script_args, training_args, model_args = parse_command_line(parser, argv)
+    # TrlParser reads --config itself; the shared step reports a typo or a bad value as a usage error.
+    script_args, training_args, model_args = parse_command_line(
+        parser, argv, parse=lambda args: parser.parse_args_and_config(args=args, return_remaining_strings=True))
     try:
         run(script_args, training_args, model_args)
     except InputError as err:

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
 import torch
-from transformers import HfArgumentParser, TextStreamer
+from transformers import TextStreamer
+
+from iterative_llm.command_line import CommandParser, parse_command_line
 
 from training.model_folder import end_of_turn_ids, load_tokenizer_with_template
 
@@ -23,17 +25,17 @@ from training.model_folder import end_of_turn_ids, load_tokenizer_with_template
 @dataclass
 class ChatArguments:
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "The chat model folder; the same as giving it as MODEL, the first argument."}
+        default=None, metadata={"help": "the chat model folder; the same as giving it as MODEL, the first argument"}
     )
-    system_prompt: str | None = field(default=None, metadata={"help": "A system message that opens the conversation."})
-    max_new_tokens: int = field(default=256, metadata={"help": "The longest reply, in tokens."})
-    do_sample: bool = field(default=True, metadata={"help": "Sample replies (--do_sample false: greedy)."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
-    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling: keep the most likely tokens up to this mass."})
-    repetition_penalty: float = field(default=1.1, metadata={"help": "Penalty on tokens already in the conversation."})
-    seed: int | None = field(default=None, metadata={"help": "Seed for reproducible sampling."})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (None: cuda when there is one)."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run the modeling code shipped in the folder."})
+    system_prompt: str | None = field(default=None, metadata={"help": "a system message that opens the conversation"})
+    max_new_tokens: int = field(default=256, metadata={"help": "the longest reply, in tokens"})
+    do_sample: bool = field(default=True, metadata={"help": "sample replies (--do_sample false: greedy)"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling: keep the likeliest tokens up to this mass"})
+    repetition_penalty: float = field(default=1.1, metadata={"help": "penalty on tokens already in the conversation"})
+    seed: int | None = field(default=None, metadata={"help": "seed for reproducible sampling"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (none: cuda when there is one)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run the modeling code shipped in the folder"})
 
 
 class _ReplyStreamer(TextStreamer):
@@ -155,26 +157,32 @@ def load_chat_model(args: ChatArguments):
 USAGE = "iterative-llm chat MODEL [options]   (then type at the `you>` prompt; Ctrl-D or /exit leaves)"
 
 
-def build_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(ChatArguments, prog="iterative-llm chat", usage=USAGE, allow_abbrev=False,
-                              description="Talk to a chat model in the terminal.")
-    parser.add_argument("model", nargs="?", metavar="MODEL",
-                        help="a chat model folder (written by `iterative-llm sft` or `dpo`), or a hub model name")
-    return parser
+@dataclass
+class ChatModelArgument:
+    """The model folder as the first argument (`iterative-llm chat runs/tiny-sft`); kept out of
+    ChatArguments, which also has --model_name_or_path, the name sft and dpo use."""
+
+    model: str | None = field(default=None, metadata={
+        "positional": True, "nargs": "?", "metavar": "MODEL",
+        "help": "a chat model folder (written by `iterative-llm sft` or `dpo`), or a hub model name"})
+
+
+def build_parser() -> CommandParser:
+    return CommandParser((ChatModelArgument, ChatArguments), prog="iterative-llm chat", usage=USAGE,
+                         description="Talk to a chat model in the terminal.")
+
+
+def _not_a_message(rest: list[str], namespace) -> str:
+    model = namespace.model or "MODEL"
+    return (f"unexpected argument {rest[0]!r}: chat takes the model folder only, and reads your messages at its "
+            f"`you>` prompt. Run `iterative-llm chat {model}` and type {rest[0]!r} there, or pipe it in: "
+            f"echo {rest[0]!r} | iterative-llm chat {model}")
 
 
 def parse_args(argv: list[str] | None = None) -> ChatArguments:
     """The chat options, with the model folder given as MODEL or --model_name_or_path; usage errors exit."""
     parser = build_parser()
-    args, extra, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    if any(arg.startswith("-") for arg in rest):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if rest:
-        parser.error(
-            f"unexpected argument {rest[0]!r}: chat takes the model folder only, and reads your messages at its "
-            f"`you>` prompt. Run `iterative-llm chat {extra.model or 'MODEL'}` and type {rest[0]!r} there, or pipe "
-            f"it in: echo {rest[0]!r} | iterative-llm chat {extra.model or 'MODEL'}"
-        )
+    extra, args = parse_command_line(parser, argv, extra_arguments=_not_a_message)
     if extra.model and args.model_name_or_path and extra.model != args.model_name_or_path:
         parser.error(f"two models given: {extra.model!r} and --model_name_or_path {args.model_name_or_path!r}; give one.")
     args.model_name_or_path = extra.model or args.model_name_or_path

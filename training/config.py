@@ -8,7 +8,8 @@ the dataclass defaults, the preset's YAML (`training/presets/tiny.yaml`), an opt
 
 `--resume` starts instead from the run's own settings (`OUT/run_config.yaml`): only the settings in
 RESUME_MAY_CHANGE may differ there, since any other would change the data order or the model.
-Each field's `--help` line lives beside it, in `setting(default, help)`.
+Each field's `--help` line lives beside it, in `setting(default, help)`; the parser is a CommandParser and
+its mistakes are reported as every command's are (iterative_llm/command_line.py).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import difflib
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import yaml
 
 from iterative_llm import run_folder
+from iterative_llm.command_line import CommandParser, HelpFormatter, did_you_mean, metavar, parse_command_line, shown
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -171,18 +173,13 @@ def model_fields() -> list[str]:
     return own + [f.name for f in dataclasses.fields(PretrainedConfig) if f.name not in own]
 
 
-def _did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name.replace("-", "_"), choices, n=1, cutoff=0.6)
-    return f" Did you mean {close[0]!r}?" if close else ""
-
-
 def merge(base: dict[str, Any], update: dict[str, Any], source: str) -> dict[str, Any]:
     """Overlay `update` on `base`, checking every key is a TrainConfig field (and every model key a model field)."""
     fields = _field_types()
     merged = dict(base)
     for key, value in update.items():
         if key not in fields:
-            raise ValueError(f"Unknown training field {key!r} in {source}.{_did_you_mean(key, list(fields))} "
+            raise ValueError(f"Unknown training field {key!r} in {source}.{did_you_mean(key, list(fields))} "
                              "See `iterative-llm train --help`.")
         if key == "model":
             if not isinstance(value, dict):
@@ -191,7 +188,7 @@ def merge(base: dict[str, Any], update: dict[str, Any], source: str) -> dict[str
             for name in value:
                 if name not in known:
                     raise ValueError(
-                        f"Unknown model field {name!r} in {source}.{_did_you_mean(name, known)} The model fields "
+                        f"Unknown model field {name!r} in {source}.{did_you_mean(name, known)} The model fields "
                         f"are IterativeLLMConfig's: {', '.join(known[:known.index('pad_token_id') + 1])}."
                     )
             merged["model"] = {**merged.get("model", {}), **value}
@@ -208,77 +205,80 @@ def _coerce(name: str, raw: str) -> Any:
         return None
     if annotation.startswith("str"):
         return raw  # keep "none", "0123" or "yes" as text for string fields
-    return yaml.safe_load(raw)
+    return _yaml_value(f"--{name}", raw)
 
 
-def _shown(value: Any) -> str:
-    """A value as it would be typed on the command line."""
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, dict)):
-        return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
-    return str(value)
+def _yaml_value(option: str, raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:  # `[a, b` : a usage error, not a traceback
+        raise ValueError(f"{option} {raw!r} is not a value ({getattr(err, 'problem', None) or 'not YAML'})") from None
 
 
-def _metavar(f: dataclasses.Field) -> str:
-    annotation = str(f.type)
-    for prefix, name in (("bool", "true|false"), ("int", "N"), ("float", "X"), ("list", "LIST"), ("str", "TEXT")):
-        if annotation.startswith(prefix):
-            return name
-    return "VALUE"
+def _build_parser(defaults: dict[str, Any], preset: str) -> CommandParser:
+    """The `train` parser; `defaults` are the values that apply when an option is left out.
 
-
-def _build_parser(defaults: dict[str, Any], preset: str) -> argparse.ArgumentParser:
-    """The `train` parser; `defaults` are the values that apply when an option is left out."""
-    parser = argparse.ArgumentParser(
+    Its options are TrainConfig's fields, but the values stay text until `_coerce` reads them as
+    YAML, since a preset or --config sets the default under the command line: so every option has
+    no default of its own (SUPPRESS: what was given is what the namespace holds) and its --help line
+    names the default that applies."""
+    parser = CommandParser(
         prog="iterative-llm train",
         description="Pretrain a model on text. Every option can also be set in a preset or a YAML file "
                     "(--config). The defaults shown are the ones that apply: the preset's, then --config's.",
-        allow_abbrev=False,  # `--max_step 5` is a typo, not --max_steps
         usage="iterative-llm train [--preset NAME] [--config FILE] [--OPTION VALUE ...] [--model.FIELD VALUE ...]",
-        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=34),
+        formatter_class=lambda prog: HelpFormatter(prog, max_help_position=34),
+        argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--preset", default=preset, metavar="NAME",
+    parser.add_argument("--preset", metavar="NAME",
                         help=f"training preset: {', '.join(available_presets())} (default: tiny)")
-    parser.add_argument("--config", default=None, metavar="FILE", help="a YAML file of settings, applied after the preset")
+    parser.add_argument("--config", metavar="FILE", help="a YAML file of settings, applied after the preset")
     starts = {first: title for title, first in SECTIONS}
+    kinds = typing.get_type_hints(TrainConfig)
     group = parser
     for f in dataclasses.fields(TrainConfig):
         if f.name in starts:
             group = parser.add_argument_group(starts[f.name])
         if f.name == "model":
             shape = defaults.get("model") or {}
-            group.add_argument("--model.FIELD", dest="_model_help", metavar="VALUE", default=None,
+            group.add_argument("--model.FIELD", dest="_model_help", metavar="VALUE",
                                help=f"{f.metadata['help']}, e.g. --model.num_hidden_layers 6 (default: "
-                                    f"{_shown(shape) if shape else 'none'})")
+                                    f"{shown(shape) if shape else 'none'})")
             continue
-        boolean = str(f.type) == "bool"
+        boolean = kinds[f.name] is bool
         # A boolean given alone (`--resume`) means true; `--resume false` also works.
-        kwargs = dict(dest=f.name, default=None, metavar=_metavar(f), nargs="?" if boolean else None,
+        kwargs = dict(dest=f.name, metavar=metavar(kinds[f.name]), nargs="?" if boolean else None,
                       const="true" if boolean else None)
-        text = f"{f.metadata['help']} (default: {_shown(defaults[f.name])})".replace("%", "%%")  # argparse formats help
+        text = f"{f.metadata['help']} (default: {shown(defaults[f.name])})".replace("%", "%%")  # argparse formats help
         group.add_argument("--" + f.name, help=text, **kwargs)
-        if "_" in f.name:  # --max-steps works as well as --max_steps; listed once
+        if "_" in f.name:
+            # --max-steps works as well as --max_steps, unlisted: train's --help is long and grouped,
+            # and lists each of its ~50 options on one line with its default.
             group.add_argument("--" + f.name.replace("_", "-"), help=argparse.SUPPRESS, **kwargs)
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # The preset and --config first, so that `--help` shows the defaults that will apply.
-    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+def _preset_and_file(argv: list[str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(the preset's name, its values merged with --config's, --config's alone), read before the rest of
+    the command line so that `--help` shows the defaults that will apply."""
+    first = CommandParser(add_help=False)
     first.add_argument("--preset", default="tiny")
     first.add_argument("--config", default=None)
     early, _ = first.parse_known_args(argv)
     values = merge({}, load_preset(early.preset), f"preset {early.preset!r}")
     file_values = merge({}, load_yaml(early.config), early.config) if early.config else {}
-    values = merge(values, file_values, str(early.config))
-    parser = _build_parser({**to_dict(TrainConfig()), **values}, early.preset)
-    args, rest = parser.parse_known_args(argv)
+    return early.preset, merge(values, file_values, str(early.config)), file_values
 
-    # --model.FIELD VALUE pairs: overrides of the model config.
+
+def build_parser(argv: list[str] | None = None) -> CommandParser:
+    """The `train` parser, its --help showing the defaults under the --preset and --config in `argv`."""
+    preset, values, _ = _preset_and_file(list(argv or []))
+    return _build_parser({**to_dict(TrainConfig()), **values}, preset)
+
+
+def _parse_known(parser: CommandParser, argv: list[str]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """(the options given, the --model.FIELD overrides, the strings left over), for parse_command_line."""
+    args, rest = parser.parse_known_args(argv)
     model_overrides: dict[str, Any] = {}
     leftover = []
     i = 0
@@ -290,19 +290,24 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                 if i + 1 >= len(rest):
                     parser.error(f"{token} needs a value")
                 inline, i = rest[i + 1], i + 1
-            model_overrides[key.replace("-", "_")] = yaml.safe_load(inline)
+            model_overrides[key.replace("-", "_")] = _yaml_value(token, inline)
         else:
             leftover.append(token)
         i += 1
     if leftover:
-        options = [o for action in parser._actions for o in action.option_strings]
-        unknown = next((t for t in leftover if t.startswith("--")), leftover[0]).split("=")[0]
-        parser.error(f"unrecognized arguments: {' '.join(leftover)}.{_did_you_mean(unknown, options)}")
-
-    if args._model_help is not None:
+        return {}, {}, leftover
+    if hasattr(args, "_model_help"):
         parser.error("--model.FIELD stands for a model config field: --model.num_hidden_layers 6, say")
-    cli = {name: _coerce(name, raw) for name, raw in vars(args).items()
-           if name not in ("preset", "config", "_model_help") and raw is not None}
+    cli = {name: _coerce(name, raw) for name, raw in vars(args).items() if name not in ("preset", "config")}
+    return cli, model_overrides, []
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The preset and --config first, so that `--help` shows the defaults that will apply.
+    preset, values, file_values = _preset_and_file(argv)
+    parser = _build_parser({**to_dict(TrainConfig()), **values}, preset)
+    cli, model_overrides = parse_command_line(parser, argv, parse=lambda args: _parse_known(parser, args))
     given = merge(file_values, cli, "the command line")  # what this command asks for beyond the preset
     if model_overrides:
         given = merge(given, {"model": model_overrides}, "the command line")
@@ -326,10 +331,10 @@ def resume_settings(out: Path, given: dict[str, Any]) -> dict[str, Any] | None:
     changed = []
     for key, value in given.items():
         if key == "model":
-            changed += [f"--model.{name} {_shown(v)} (the run has {_shown(saved['model'].get(name))})"
+            changed += [f"--model.{name} {shown(v)} (the run has {shown(saved['model'].get(name))})"
                         for name, v in value.items() if saved["model"].get(name) != v]
         elif key not in RESUME_MAY_CHANGE and saved.get(key) != value:
-            changed.append(f"--{key} {_shown(value)} (the run has {_shown(saved.get(key))})")
+            changed.append(f"--{key} {shown(value)} (the run has {shown(saved.get(key))})")
     if changed:
         raise ValueError(
             f"--resume continues the run in {out} with its own settings ({saved_file}); these options would change "

@@ -41,8 +41,13 @@ class DPOConfig(DeviceDefaults, trl.DPOConfig):
     """TRL's DPOConfig, with bf16 and activation (gradient) checkpointing decided by the hardware unless set."""
 
 
-def make_parser() -> TrlParser:
+def build_parser() -> TrlParser:
+    # TRL's own parser (an HfArgumentParser, like every command's CommandParser): it brings TRL's
+    # options with their help and its --config; parse_command_line reports mistakes as for every command.
     return TrlParser((DataArguments, DPOConfig, ModelConfig), prog="iterative-llm dpo", allow_abbrev=False)
+
+
+make_parser = build_parser  # its older name, which tests/test_alignment_data.py uses
 
 
 def frozen_copy(model):
@@ -249,7 +254,7 @@ def _card_rows(script_args, training_args, model_args, n_train, heldout, figures
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_script(make_parser(), run, argv)
+    return run_script(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

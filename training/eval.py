@@ -16,12 +16,15 @@ The same folders also work in lm-eval-harness itself (pip install 'iterative-llm
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
+
+from iterative_llm.command_line import CommandParser, parse_command_line
 
 from .multiple_choice import HELLASWAG_REFERENCES, HellaSwagError, load_items, model_max_length, score_hellaswag
 from .sources import iter_documents
@@ -31,35 +34,45 @@ class EvalInputError(ValueError):
     """A model, file or option cannot be used; the message says which and how to fix it."""
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="iterative-llm eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", metavar="MODEL", help="run folder, model folder or hub id (one or more)")
-    parser.add_argument("--hellaswag", metavar="PATH|hub",
-                        help="a JSONL file of HellaSwag records, or `hub` for the validation split of Rowan/hellaswag")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N HellaSwag items")
-    parser.add_argument("--text", metavar="SOURCE",
-                        help="text for bits per byte: files, folders, or a hub dataset (NAME[:CONFIG][@SPLIT])")
-    parser.add_argument("--text_column", "--text-column", default="text", help="column holding the text (jsonl, parquet, hub)")
-    parser.add_argument("--doc_separator", "--doc-separator", default=None, help="split .txt files into documents on this string")
-    parser.add_argument("--max_documents", "--max-documents", type=int, default=None, help="read at most this many documents")
-    parser.add_argument("--window", type=int, default=None, help="tokens per scoring window (default: the model's context)")
-    parser.add_argument("--stride", type=int, default=None, help="tokens between windows of a long document (default: window / 2)")
-    parser.add_argument("--batch_size", "--batch-size", type=int, default=16, help="sequences per forward pass")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true",
-                        help="allow hub models that ship their own code (our folders do not need it)")
-    parser.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
-    parser.add_argument("--no_progress", "--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    if not (args.hellaswag or args.text):
-        parser.error("nothing to evaluate: give --hellaswag PATH|hub and/or --text SOURCE")
-    for name in ("limit", "max_documents", "window", "stride", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name} must be at least 1, got {value}")
-    return args
+@dataclass
+class EvalArguments:
+    models: list[str] = field(metadata={"positional": True, "nargs": "+", "metavar": "MODEL",
+                                        "help": "run folder, model folder or hub id (one or more)"})
+    hellaswag: str | None = field(default=None, metadata={
+        "metavar": "PATH|hub",
+        "help": "a JSONL file of HellaSwag records, or `hub` for the validation split of Rowan/hellaswag"})
+    limit: int | None = field(default=None, metadata={"help": "score only the first N HellaSwag items"})
+    text: str | None = field(default=None, metadata={
+        "metavar": "SOURCE",
+        "help": "text for bits per byte: files, folders, or a hub dataset (NAME[:CONFIG][@SPLIT])"})
+    text_column: str = field(default="text", metadata={"help": "column holding the text (jsonl, parquet, hub)"})
+    doc_separator: str | None = field(default=None, metadata={"help": "split .txt files into documents on this string"})
+    max_documents: int | None = field(default=None, metadata={"help": "read at most this many documents"})
+    window: int | None = field(default=None, metadata={"help": "tokens per scoring window (none: the model's context)"})
+    stride: int | None = field(default=None, metadata={
+        "help": "tokens between windows of a long document (none: window / 2)"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per forward pass"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu, cuda, cuda:1, ..."})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={
+        "help": "the dtype the models are loaded in"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "allow hub models that ship their own code (our folders do not need it)"})
+    json: str | None = field(default=None, metadata={"metavar": "OUT",
+                                                     "help": "also write the figures to this JSON file"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self):
+        # A ValueError here is a usage error on the command line (parse_command_line).
+        if not (self.hellaswag or self.text):
+            raise ValueError("nothing to evaluate: give --hellaswag PATH|hub and/or --text SOURCE")
+        for name in ("limit", "max_documents", "window", "stride", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be at least 1, got {value}")
+
+
+def build_parser() -> CommandParser:
+    return CommandParser(EvalArguments, prog="iterative-llm eval", description=__doc__)
 
 
 def load_model(name: str, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool):
@@ -99,7 +112,7 @@ def load_model(name: str, *, device: torch.device, dtype: torch.dtype, trust_rem
     return model.to(device).eval(), tokenizer
 
 
-def evaluate_models(args: argparse.Namespace) -> dict:
+def evaluate_models(args: EvalArguments) -> dict:
     """Every model on every requested yardstick; returns the figures that --json writes."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = getattr(torch, args.dtype)
@@ -120,7 +133,7 @@ def evaluate_models(args: argparse.Namespace) -> dict:
         context = model_max_length(model)
         if items:
             scores = score_hellaswag(model, tokenizer, items, max_length=context, batch_size=args.batch_size,
-                                     progress=not args.no_progress, desc=f"hellaswag {name}")
+                                     progress=args.progress, desc=f"hellaswag {name}")
             figures.update(hellaswag_acc=scores["acc"], hellaswag_acc_norm=scores["acc_norm"],
                            hellaswag_items=scores["items"])
         if documents:
@@ -129,7 +142,7 @@ def evaluate_models(args: argparse.Namespace) -> dict:
             window = min(args.window or context, context)
             try:
                 text = text_bits_per_byte(model, tokenizer, documents, window=window, stride=args.stride,
-                                          batch_size=args.batch_size, progress=not args.no_progress)
+                                          batch_size=args.batch_size, progress=args.progress)
             except ValueError as err:
                 raise EvalInputError(f"--text with {name}: {err}") from None
             figures.update(text_bits_per_byte=text["bits_per_byte"], text_loss=text["loss"], text_bytes=text["bytes"],
@@ -173,7 +186,7 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    (args,) = parse_command_line(build_parser(), argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars would mix with the scoring bars

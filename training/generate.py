@@ -10,12 +10,14 @@ compiles the decoding step with torch.compile: slow to start, then faster per to
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from iterative_llm.command_line import CommandParser, parse_command_line
 from iterative_llm.run_folder import run_of_checkpoint
 
 # Sampling defaults, set here only: `iterative-llm generate`, the samples logged during training
@@ -44,36 +46,39 @@ def find_model_folder(path: str | Path) -> tuple[Path, Path]:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # Options are spelled with underscores, like train, sft, dpo and chat; the dashed spelling is an alias.
-    parser = argparse.ArgumentParser(prog="iterative-llm generate", description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="run folder, checkpoint folder or model folder")
-    parser.add_argument("prompt", nargs="?", default="", help="text to continue (default: start of a document)")
-    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=100,
-                        help="tokens to generate (default 100); a long prompt slides out of the model's context "
-                             "to make room for them")
-    parser.add_argument("--temperature", type=float, default=TEMPERATURE,
-                        help=f"sampling temperature (default {TEMPERATURE}); 0 = greedy")
-    parser.add_argument("--top_k", "--top-k", type=int, default=TOP_K,
-                        help=f"sample among the k most likely tokens (default {TOP_K})")
-    parser.add_argument("--num_samples", "--num-samples", type=int, default=1, help="texts to write (default 1)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for repeatable sampling")
-    parser.add_argument("--cache", choices=["dynamic", "static"], default=None,
-                        help="key/value cache: dynamic (default) or static (default with --compile)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (static cache)")
-    return parser
+@dataclass
+class GenerateArguments:
+    model: str = field(metadata={"positional": True, "metavar": "RUN_OR_MODEL",
+                                 "help": "run folder, checkpoint folder or model folder"})
+    prompt: str = field(default="", metadata={"positional": True, "nargs": "?", "metavar": "PROMPT",
+                                              "help": "text to continue (empty: the start of a document)"})
+    max_new_tokens: int = field(default=100, metadata={
+        "help": "tokens to generate; a long prompt slides out of the model's context to make room for them"})
+    temperature: float = field(default=TEMPERATURE, metadata={"help": "sampling temperature; 0 = greedy"})
+    top_k: int = field(default=TOP_K, metadata={"help": "sample among the k most likely tokens"})
+    num_samples: int = field(default=1, metadata={"help": "texts to write"})
+    seed: int | None = field(default=None, metadata={"help": "seed for repeatable sampling"})
+    cache: Literal["dynamic", "static"] | None = field(
+        default=None,
+        metadata={"help": "key/value cache: dynamic or static (none given: static with --compile, else dynamic)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the decoding step (static cache)"})
+
+    def __post_init__(self):
+        # A ValueError here is a usage error on the command line (parse_command_line).
+        if self.compile and self.cache == "dynamic":
+            raise ValueError("--compile needs the static cache: drop --cache dynamic (or use --cache static)")
+        if self.max_new_tokens < 1 or self.num_samples < 1:
+            raise ValueError("--max_new_tokens and --num_samples must be at least 1")
+        if self.num_samples > 1 and self.temperature <= 0:
+            raise ValueError("--num_samples above 1 needs sampling: greedy decoding (--temperature 0) gives one text")
+
+
+def build_parser() -> CommandParser:
+    return CommandParser(GenerateArguments, prog="iterative-llm generate", description=__doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.compile and args.cache == "dynamic":
-        parser.error("--compile needs the static cache: drop --cache dynamic (or use --cache static)")
-    if args.max_new_tokens < 1 or args.num_samples < 1:
-        parser.error("--max_new_tokens and --num_samples must be at least 1")
-    if args.num_samples > 1 and args.temperature <= 0:
-        parser.error("--num_samples above 1 needs sampling: greedy decoding (--temperature 0) gives one text")
+    (args,) = parse_command_line(build_parser(), argv)
     cache = args.cache or ("static" if args.compile else "dynamic")
 
     from transformers import AutoModelForCausalLM

@@ -22,7 +22,6 @@ Notable choices:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -31,10 +30,12 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from iterative_llm.command_line import CommandParser, parse_command_line
 from iterative_llm.tokenization import (
     boundary_token_id,
     load_tokenizer,
@@ -456,21 +457,31 @@ def _say(enabled: bool, message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class PrepareArguments:
+    # The names `iterative-llm train` uses for the same settings.
+    source: str = field(metadata={"positional": True, "metavar": "SOURCE", "help": (
+        f"{BUILTIN_PYTHON_DOCS}, a file or folder, or a hub dataset NAME[:CONFIG][@SPLIT]")})
+    out_dir: str = field(metadata={"positional": True, "metavar": "OUT_DIR", "help": "the shard folder to write"})
+    tokenizer: str = field(metadata={"help": "a folder saved with save_pretrained"})
+    text_column: str = field(default="text", metadata={"help": "the column that holds the text (jsonl, parquet, hub)"})
+    doc_separator: str | None = field(default=None, metadata={"help": "split .txt files into documents on this string"})
+    val_data: str | None = field(default=None, metadata={"help": "a separate validation source"})
+    val_fraction: float = field(default=0.02, metadata={
+        "help": "the share of the documents held out for validation when --val_data is not given"})
+    shard_tokens: int = field(default=50_000_000, metadata={"help": "tokens per shard file"})
+    max_documents: int | None = field(default=None, metadata={"help": "read at most this many documents"})
+    max_tokens: int | None = field(default=None, metadata={
+        "help": "read at most this many tokens (boundary tokens included)"})
+
+
+def build_parser() -> CommandParser:
+    return CommandParser(PrepareArguments, prog="iterative-llm prepare",
+                         description="Tokenise a text source into train/val shards (reused when already there).")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="iterative-llm prepare", allow_abbrev=False, description=(
-        "Tokenise a text source into train/val shards (reused when already there)."))
-    parser.add_argument("source", help=f"{BUILTIN_PYTHON_DOCS}, a file or folder, or a hub dataset NAME[:CONFIG][@SPLIT]")
-    parser.add_argument("out_dir", metavar="OUT_DIR")
-    # The names `iterative-llm train` uses, with underscores; the dashed spellings are aliases.
-    parser.add_argument("--tokenizer", required=True, help="a folder saved with save_pretrained")
-    parser.add_argument("--text_column", "--text-column", default="text")
-    parser.add_argument("--doc_separator", "--doc-separator", default=None)
-    parser.add_argument("--val_data", "--val-data", default=None, help="a separate validation source")
-    parser.add_argument("--val_fraction", "--val-fraction", type=float, default=0.02)
-    parser.add_argument("--shard_tokens", "--shard-tokens", type=int, default=50_000_000)
-    parser.add_argument("--max_documents", "--max-documents", type=int, default=None)
-    parser.add_argument("--max_tokens", "--max-tokens", type=int, default=None)
-    args = parser.parse_args(argv)
+    (args,) = parse_command_line(build_parser(), argv)
 
     from transformers import AutoTokenizer
 

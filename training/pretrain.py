@@ -40,7 +40,8 @@ from iterative_llm.tokenization import check_tokenizer_matches_model, load_token
 
 from .batches import RandomWindowBatches
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import RESUME_MAY_CHANGE, TrainConfig, parse_args, to_dict
+# build_parser: every stage module has one (`iterative-llm train`'s lives in config.py).
+from .config import RESUME_MAY_CHANGE, TrainConfig, build_parser, parse_args, to_dict  # noqa: F401
 from .evaluate import evaluate, flops_per_token, peak_flops, sample
 from .export import export_model_folder
 from .guards import LearningCheck, TrainingError, check_loss_finite, check_model_settings, check_resume_settings

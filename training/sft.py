@@ -67,8 +67,13 @@ class SFTConfig(DeviceDefaults, trl.SFTConfig):
     assistant_only_loss: bool = field(default=True, metadata={"help": "Train on the assistant replies only."})
 
 
-def make_parser() -> TrlParser:
+def build_parser() -> TrlParser:
+    # TRL's own parser (an HfArgumentParser, like every command's CommandParser): it brings TRL's
+    # options with their help and its --config; parse_command_line reports mistakes as for every command.
     return TrlParser((SFTScriptArguments, SFTConfig, ModelConfig), prog="iterative-llm sft", allow_abbrev=False)
+
+
+make_parser = build_parser  # its older name, which tests/test_alignment_data.py uses
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -194,7 +199,7 @@ def _card_rows(script_args, training_args, model_args, n_train, heldout, figures
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_script(make_parser(), run, argv)
+    return run_script(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
