@@ -120,6 +120,31 @@ def test_resume_after_a_stop_matches_the_uninterrupted_run(tmp_path, text_dir, m
     assert losses(interrupted) == losses(straight)
 
 
+def test_prepare_makes_the_tokenizer_and_shards_that_train_then_uses_as_they_are(tmp_path, text_dir, capsys):
+    """`iterative-llm prepare SOURCE OUT` runs the whole data stage (text -> tokenizer -> shards) on
+    its own, and says how to train on it; that command trains without tokenising anything again."""
+    import yaml
+
+    from training import prepare
+
+    shards = tmp_path / "shards"
+    assert prepare.main([str(text_dir), str(shards), "--vocab_size", "320", "--val_fraction", "0.1"]) == 0
+    told = capsys.readouterr().err
+    assert "training a 320-token byte-level BPE tokenizer" in told and (shards / "tokenizer").is_dir()
+    command = told.split("train on it: iterative-llm train ")[1].split()
+    assert command == ["--data", str(text_dir), "--data_cache", str(shards), "--val_fraction", "0.1"]
+    written = {path.name: path.stat().st_mtime_ns for path in shards.rglob("*") if path.is_file()}
+
+    # The command as told, on top of a small model's settings (in a --config file).
+    small = settings(text_dir, tmp_path / "run", max_steps=2, eval_every=0)
+    del small["data"], small["val_fraction"]
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(small))
+    summary = train(parse_args([*command, "--config", str(tmp_path / "small.yaml")]))
+    said = capsys.readouterr().out
+    assert summary["steps"] == 2 and "tokenizer" not in said.split("data:")[0]
+    assert {path.name: path.stat().st_mtime_ns for path in shards.rglob("*") if path.is_file()} == written
+
+
 def test_batch_tokens_become_gradient_accumulation(tmp_path, text_dir):
     """Two micro-steps of 2 rows give the same losses as one step of 4 rows: the same tokens."""
     one = tmp_path / "one"

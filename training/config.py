@@ -28,6 +28,8 @@ import yaml
 from iterative_llm import run_folder
 from iterative_llm.command_line import CommandParser, HelpFormatter, did_you_mean, metavar, parse_command_line, shown
 
+from .prepare import TOKENIZER_TRAIN_CHARS
+
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
@@ -58,7 +60,7 @@ class TrainConfig:
     max_documents: int | None = setting(None, "read at most this many documents (hub datasets are large)")
     data_cache: str | None = setting(None, "folder of the token shards and tokenizer, to share between runs; none = OUT/data")
     tokenizer: str | None = setting(None, "a tokenizer folder; none = train a byte-level BPE on the data")
-    tokenizer_train_chars: int = setting(50_000_000, "characters of the corpus the tokenizer is trained on")
+    tokenizer_train_chars: int = setting(TOKENIZER_TRAIN_CHARS, "characters of the corpus the tokenizer is trained on")
 
     # -- batch: `batch_size` sequences of `seq_len` tokens per process and micro-step; micro-steps
     #    are accumulated until `batch_tokens` tokens (all processes together) make one optimizer step.
@@ -344,6 +346,25 @@ def resume_settings(out: Path, given: dict[str, Any]) -> dict[str, Any] | None:
     return {**saved, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}, "out": str(out), "resume": True}
 
 
+def write_run_config(out: Path, config: TrainConfig, model_config, resumed: bool, step: int) -> None:
+    """OUT/run_config.yaml: the resolved settings and the model config's own fields, which
+    `resume_settings` reads back. A resume keeps the run's settings and records what it changed."""
+    run_config = out / run_folder.RUN_CONFIG
+    if resumed and run_config.is_file():
+        # The run keeps its own settings; a resume may only extend it or change its cadence
+        # (RESUME_MAY_CHANGE), and each such change is recorded with the step it applies from.
+        saved = yaml.safe_load(run_config.read_text())
+        changes = {key: value for key, value in to_dict(config).items()
+                   if key in RESUME_MAY_CHANGE and key not in ("out", "resume") and saved.get("train", {}).get(key) != value}
+        saved.setdefault("train", {}).update(changes)
+        saved.setdefault("resumed", []).append({"step": step, "changed": changes})
+        run_config.write_text(yaml.safe_dump(saved, sort_keys=False))
+    else:
+        run_config.write_text(
+            yaml.safe_dump({"train": to_dict(config), "model": model_config.to_diff_dict()}, sort_keys=False)
+        )
+
+
 def build_config(values: dict[str, Any]) -> TrainConfig:
     """TrainConfig from a dict, with every value checked so mistakes fail before any work is done."""
     config = TrainConfig(**merge({}, values, "the settings"))
@@ -366,6 +387,17 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
 
     check_training_settings(config)  # the hellaswag* fields
     return config
+
+
+def scalar_settings(config: TrainConfig) -> dict:
+    """The settings as flat name: number/text pairs (`model.FIELD` for the model's), as trackers take them."""
+    flat = {}
+    for key, value in to_dict(config).items():
+        if isinstance(value, dict):
+            flat.update({f"model.{k}": v for k, v in value.items() if isinstance(v, (int, float, str, bool))})
+        elif isinstance(value, (int, float, str, bool)):
+            flat[key] = value
+    return flat
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:

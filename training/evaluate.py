@@ -8,6 +8,7 @@ and it compares with character-level figures on ASCII text (one byte per charact
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import torch
@@ -125,6 +126,13 @@ PEAK_BF16_FLOPS = {
     "RTX 3090": 71e12,
     "A10": 125e12,
 }
+
+
+def hardware(device: torch.device, world_size: int) -> str:
+    """What a run ran on, in words, for its summary and model card."""
+    if device.type == "cuda":
+        return f"{world_size} x {torch.cuda.get_device_name(device)}"
+    return f"{world_size} x CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -2,8 +2,9 @@
 
     tokenizer_for(source, out)          the given tokenizer, the one already in OUT/tokenizer, or a new one
     prepare_shards(source, tok, out)    tokenise once into compact shards, split train/val by document
-    iterative-llm prepare SOURCE OUT_DIR --tokenizer TOK   the same from the command line
-                                        (also `python -m training.prepare`)
+    iterative-llm prepare SOURCE OUT_DIR   both from the command line (also `python -m training.prepare`);
+                                        `iterative-llm train --data SOURCE --data_cache OUT_DIR` then
+                                        trains on them without preparing again
 
 The shards are written in the format that training/shards.py describes and reads.
 
@@ -30,12 +31,12 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from iterative_llm.command_line import CommandParser, parse_command_line
+from iterative_llm.command_line import CommandParser, parse_command_line, shown
 from iterative_llm.tokenization import (
     boundary_token_id,
     load_tokenizer,
@@ -55,6 +56,9 @@ _BATCH_DOCS = 2048
 # The tokenizer trained for a shard folder lives inside it, so that the folder alone (a run's data/,
 # or a --data_cache shared between runs) is everything training needs.
 TOKENIZER_DIR = "tokenizer"
+# Characters a tokenizer is trained on: a sample is enough for BPE merges (the default of both
+# `prepare` and `train`).
+TOKENIZER_TRAIN_CHARS = 50_000_000
 
 
 def tokenizer_for(
@@ -66,7 +70,7 @@ def tokenizer_for(
     text_column: str = "text",
     doc_separator: str | None = None,
     max_documents: int | None = None,
-    train_chars: int = 50_000_000,
+    train_chars: int = TOKENIZER_TRAIN_CHARS,
     say=print,
 ):
     """The tokenizer of a shard folder: `tokenizer` (a folder) when given, else the one already trained
@@ -463,7 +467,13 @@ class PrepareArguments:
     source: str = field(metadata={"positional": True, "metavar": "SOURCE", "help": (
         f"{BUILTIN_PYTHON_DOCS}, a file or folder, or a hub dataset NAME[:CONFIG][@SPLIT]")})
     out_dir: str = field(metadata={"positional": True, "metavar": "OUT_DIR", "help": "the shard folder to write"})
-    tokenizer: str = field(metadata={"help": "a folder saved with save_pretrained"})
+    tokenizer: str | None = field(default=None, metadata={"help": (
+        "a tokenizer folder (save_pretrained); none = OUT_DIR/tokenizer when there, else a byte-level BPE "
+        "trained on SOURCE and saved there")})
+    vocab_size: int | None = field(default=None, metadata={"help": (
+        "tokens of a tokenizer trained here; none = the tiny preset's (gpt2-small: 50304)")})
+    tokenizer_train_chars: int = field(default=TOKENIZER_TRAIN_CHARS, metadata={
+        "help": "characters of SOURCE a tokenizer trained here learns from"})
     text_column: str = field(default="text", metadata={"help": "the column that holds the text (jsonl, parquet, hub)"})
     doc_separator: str | None = field(default=None, metadata={"help": "split .txt files into documents on this string"})
     val_data: str | None = field(default=None, metadata={"help": "a separate validation source"})
@@ -482,16 +492,33 @@ def build_parser() -> CommandParser:
 
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse_command_line(build_parser(), argv)
+    from iterative_llm import IterativeLLMConfig
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    dataset = prepare_shards(args.source, tokenizer, args.out_dir, text_column=args.text_column,
-                             doc_separator=args.doc_separator, val_source=args.val_data,
-                             val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
-                             max_documents=args.max_documents, max_tokens=args.max_tokens)
+    try:
+        tokenizer = tokenizer_for(
+            args.source, args.out_dir, tokenizer=args.tokenizer,
+            vocab_size=args.vocab_size or IterativeLLMConfig.from_preset("tiny").vocab_size,
+            text_column=args.text_column, doc_separator=args.doc_separator, max_documents=args.max_documents,
+            train_chars=args.tokenizer_train_chars, say=lambda message: print(message, file=sys.stderr, flush=True),
+        )
+        dataset = prepare_shards(args.source, tokenizer, args.out_dir, text_column=args.text_column,
+                                 doc_separator=args.doc_separator, val_source=args.val_data,
+                                 val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+                                 max_documents=args.max_documents, max_tokens=args.max_tokens)
+    except (OSError, ValueError) as err:  # a missing source or tokenizer, an empty source, other settings
+        print(f"iterative-llm prepare: {err}", file=sys.stderr)
+        return 2
     print(dataset)
+    if args.max_tokens is None:  # train has no cap in tokens on its data (its --max_tokens is the budget)
+        # The data settings train must repeat to find these shards its own (the manifest's settings).
+        same = [f"--{name} {shown(getattr(args, name))}" for name in ("text_column", "doc_separator", "val_data",
+                "val_fraction", "max_documents") if getattr(args, name) != _DEFAULTS[name]]
+        command = ["iterative-llm train --data", args.source, "--data_cache", args.out_dir, *same]
+        print("train on it: " + " ".join(command), file=sys.stderr)
     return 0
+
+
+_DEFAULTS = {f.name: f.default for f in fields(PrepareArguments)}
 
 
 if __name__ == "__main__":

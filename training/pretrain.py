@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM, run_folder
 from iterative_llm.tokenization import check_tokenizer_matches_model, load_tokenizer, token_byte_lengths
@@ -41,8 +40,8 @@ from iterative_llm.tokenization import check_tokenizer_matches_model, load_token
 from .batches import RandomWindowBatches
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 # build_parser: every stage module has one (`iterative-llm train`'s lives in config.py).
-from .config import RESUME_MAY_CHANGE, TrainConfig, build_parser, parse_args, to_dict  # noqa: F401
-from .evaluate import evaluate, flops_per_token, peak_flops, sample
+from .config import TrainConfig, build_parser, parse_args, scalar_settings, write_run_config  # noqa: F401
+from .evaluate import evaluate, flops_per_token, hardware, peak_flops, sample
 from .export import export_model_folder
 from .guards import LearningCheck, TrainingError, check_loss_finite, check_model_settings, check_resume_settings
 from .multiple_choice import hellaswag_in_run
@@ -295,7 +294,7 @@ def set_up(config: TrainConfig, model_factory=None) -> Run:
     if config.report_to != "none":
         # TensorBoard writes to project_dir/<project name>: OUT/logs, as the README's table says.
         accelerator.init_trackers(run_folder.LOGS if config.report_to == "tensorboard" else "pretrain",
-                                  config=_scalar_config(config))
+                                  config=scalar_settings(config))
     return Run(
         config=config, accelerator=accelerator, out=out, precision=precision, tokenizer=tokenizer,
         train_split=train_split, val_split=val_split, raw_model=raw_model, model=model, optimizers=optimizers,
@@ -502,7 +501,7 @@ def finish(run: Run) -> dict:
         "final_val_loss": result["val_loss"], "final_val_bpb": result["val_bpb"],
         "parameters": run.raw_model.num_parameters(), "preset": config.model_preset, "data": config.data,
         "train_tokens_available": run.train_split.num_tokens, "val_tokens": run.val_split.num_tokens,
-        "processes": run.world_size, "precision": run.precision, "hardware": _hardware(run.device, run.world_size),
+        "processes": run.world_size, "precision": run.precision, "hardware": hardware(run.device, run.world_size),
         "compile": config.compile, "compile_seconds": round(run.compile_seconds, 3),
         "first_loss": run.first_loss,
     }
@@ -541,20 +540,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 def _write_run_files(out: Path, config, model_config, tokenizer, resumed: bool, step: int) -> None:
     """Resolved settings, versions and the tokenizer, so every figure traces back to its run."""
-    run_config = out / run_folder.RUN_CONFIG
-    if resumed and run_config.is_file():
-        # The run keeps its own settings; a resume may only extend it or change its cadence
-        # (RESUME_MAY_CHANGE), and each such change is recorded with the step it applies from.
-        saved = yaml.safe_load(run_config.read_text())
-        changes = {key: value for key, value in to_dict(config).items()
-                   if key in RESUME_MAY_CHANGE and key not in ("out", "resume") and saved.get("train", {}).get(key) != value}
-        saved.setdefault("train", {}).update(changes)
-        saved.setdefault("resumed", []).append({"step": step, "changed": changes})
-        run_config.write_text(yaml.safe_dump(saved, sort_keys=False))
-    else:
-        run_config.write_text(
-            yaml.safe_dump({"train": to_dict(config), "model": model_config.to_diff_dict()}, sort_keys=False)
-        )
+    write_run_config(out, config, model_config, resumed, step)
     (out / run_folder.VERSIONS).write_text(json.dumps(package_versions(), indent=2))
     tokenizer.save_pretrained(out)
     metrics = out / run_folder.METRICS
@@ -564,16 +550,6 @@ def _write_run_files(out: Path, config, model_config, tokenizer, resumed: bool, 
         metrics.write_text("".join(line + "\n" for line in kept))
     elif not resumed and metrics.exists():
         metrics.unlink()
-
-
-def _scalar_config(config: TrainConfig) -> dict:
-    flat = {}
-    for key, value in to_dict(config).items():
-        if isinstance(value, dict):
-            flat.update({f"model.{k}": v for k, v in value.items() if isinstance(v, (int, float, str, bool))})
-        elif isinstance(value, (int, float, str, bool)):
-            flat[key] = value
-    return flat
 
 
 def _progress_bar(config: TrainConfig, main_process: bool, initial: int, accumulation: int, world_size: int):
@@ -597,12 +573,6 @@ def _set_bar_total(bar, step: int, fraction: float) -> None:
         if bar.total != estimate:
             bar.total = estimate
             bar.refresh()
-
-
-def _hardware(device: torch.device, world_size: int) -> str:
-    if device.type == "cuda":
-        return f"{world_size} x {torch.cuda.get_device_name(device)}"
-    return f"{world_size} x CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def _in_main_thread() -> bool:
