@@ -279,7 +279,7 @@ def test_the_presets_and_defaults_give_no_deprecation_warning(stage, tmp_path, m
     for arguments in [[]] + [["--config", str(preset)] for preset in presets]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            _, config, _ = module.make_parser().parse_args_and_config(args=[*arguments, "--output_dir", str(tmp_path)])
+            _, config, _ = module.build_parser().parse_args_and_config(args=[*arguments, "--output_dir", str(tmp_path)])
         assert not [str(w.message) for w in caught if "checkpointing" in str(w.message)], arguments
         assert (config.activation_checkpointing, config.gradient_checkpointing) == (False, False)
 

@@ -47,9 +47,6 @@ def build_parser() -> TrlParser:
     return TrlParser((DataArguments, DPOConfig, ModelConfig), prog="iterative-llm dpo", allow_abbrev=False)
 
 
-make_parser = build_parser  # its older name, which tests/test_alignment_data.py uses
-
-
 def frozen_copy(model):
     """The reference model: the policy's current weights, copied, in eval mode, without gradients."""
     reference = copy.deepcopy(model).eval()

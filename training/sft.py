@@ -73,9 +73,6 @@ def build_parser() -> TrlParser:
     return TrlParser((SFTScriptArguments, SFTConfig, ModelConfig), prog="iterative-llm sft", allow_abbrev=False)
 
 
-make_parser = build_parser  # its older name, which tests/test_alignment_data.py uses
-
-
 # ----------------------------------------------------------------------------------------------------
 # Evaluation
 
