@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 # Importing the package registers our model type with the Auto classes, before any folder is loaded.
-from iterative_llm.tokenization import END_OF_TURN, check_tokenizer_matches_model
+from iterative_llm.tokenization import END_OF_TURN, check_tokenizer_matches_model, has_chat_template
 
 from .versions import package_versions
 
@@ -45,7 +45,7 @@ def load_tokenizer_with_template(path: str, trust_remote_code: bool = False, rev
         if not (os.path.isfile(template_file) and template_file.endswith((".jinja", ".j2"))):
             raise ValueError(f"--chat_template_path {template_file!r}: expected a .jinja file.")
         tokenizer.chat_template = Path(template_file).read_text(encoding="utf-8")
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         raise ValueError(
             f"The model folder {path!r} has no chat template: SFT, DPO and chat render conversations with it. "
             f"Save the tokenizer with one (iterative_llm.tokenization.CHAT_TEMPLATE, written as chat_template.jinja "
