@@ -200,12 +200,14 @@ class Muon(torch.optim.Optimizer):
 # Parameter groups
 
 OPTIMIZER_CHOICES = ("muon", "adamw")
+MUON_IMPLS = ("ours", "torch")
 
 
 def build_optimizers(
     model: nn.Module,
     *,
     optimizer: str = "muon",
+    muon_impl: str = "ours",
     lr_matrix: float = 0.02,
     lr_embed: float = 0.3,
     lr_head: float = 0.004,
@@ -231,6 +233,8 @@ def build_optimizers(
       When the head is tied to the embedding the shared tensor is one parameter: it goes once,
       into the "embed" group, at `lr_head` (see the comment below).
       `weight_decay` is applied to the Muon matrices only.
+      `muon_impl` picks the Muon: "ours" (the class above) or "torch" (torch.optim.Muon with
+      the same settings; benchmarks/muon_vs_torch.py compares the two).
 
     optimizer="adamw" (the GPT-2 / nanoGPT baseline) returns [AdamW] with two groups at
     `adamw_lr`: "decay" (every parameter with 2 or more dims, `adamw_weight_decay`) and
@@ -256,6 +260,8 @@ def build_optimizers(
     """
     if optimizer not in OPTIMIZER_CHOICES:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZER_CHOICES}")
+    if muon_impl not in MUON_IMPLS:
+        raise ValueError(f"unknown muon_impl {muon_impl!r}; choose one of {MUON_IMPLS}")
     trainable = [p for p in model.parameters() if p.requires_grad]  # shared tensors listed once
     if not trainable:
         raise ValueError("model has no trainable parameters")
@@ -290,13 +296,15 @@ def build_optimizers(
         adam_groups = [g for g in adam_groups if g["params"]]
         optimizers = []
         if groups["matrix"]:
-            optimizers.append(
-                Muon(
-                    [dict(name="matrix", params=groups["matrix"])],
-                    lr=lr_matrix,
-                    weight_decay=weight_decay,
-                )
-            )
+            matrix_group = [dict(name="matrix", params=groups["matrix"])]
+            if muon_impl == "torch":
+                # Every setting given, since torch's defaults differ from ours (lr 1e-3, weight
+                # decay 0.1); "original" is Keller's sqrt(max(1, rows / cols)), as ours.
+                muon = torch.optim.Muon(matrix_group, lr=lr_matrix, weight_decay=weight_decay, momentum=0.95,
+                                        nesterov=True, adjust_lr_fn="original")
+            else:
+                muon = Muon(matrix_group, lr=lr_matrix, weight_decay=weight_decay)
+            optimizers.append(muon)
         if adam_groups:
             optimizers.append(
                 torch.optim.AdamW(
@@ -453,7 +461,7 @@ def muon_momentum(
 def apply_muon_momentum(optimizers: Sequence[torch.optim.Optimizer], momentum: float) -> None:
     """Set the momentum of every Muon group in `optimizers` (AdamW ones are left alone)."""
     for opt in optimizers:
-        if isinstance(opt, Muon):
+        if isinstance(opt, (Muon, torch.optim.Muon)):
             for group in opt.param_groups:
                 group["momentum"] = momentum
 
