@@ -226,6 +226,8 @@ def test_adamw_grouping_decays_matrices_only():
 def test_grouping_errors():
     with pytest.raises(ValueError, match=r"unknown optimizer 'sgd'.*'muon', 'adamw'"):
         build_optimizers(TinyLM(), optimizer="sgd")
+    with pytest.raises(ValueError, match=r"unknown muon_impl 'keras'.*'ours', 'torch'"):
+        build_optimizers(TinyLM(), muon_impl="keras")
     model = TinyLM()
     model.pos = nn.Parameter(torch.zeros(8, DIM))  # 2-D but no Linear/Embedding owns it
     with pytest.raises(ValueError, match="cannot place parameter 'pos'"):
@@ -244,14 +246,15 @@ def test_frozen_params_are_left_out():
 # Training lowers the loss
 
 
-@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+@pytest.mark.parametrize("optimizer, muon_impl", [("muon", "ours"), ("muon", "torch"), ("adamw", "ours")],
+                         ids=["muon", "torch-muon", "adamw"])
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_optimizers_lower_the_loss(optimizer, tie):
+def test_optimizers_lower_the_loss(optimizer, muon_impl, tie):
     torch.manual_seed(0)
     model = TinyLM(tie=tie)
     # Default settings except the AdamW baseline's lr, which is tuned for a 124M model; a
     # model this small wants a larger one to move in 50 steps.
-    optimizers = build_optimizers(model, optimizer=optimizer, adamw_lr=1e-2)
+    optimizers = build_optimizers(model, optimizer=optimizer, muon_impl=muon_impl, adamw_lr=1e-2)
     losses = train_steps(model, optimizers, 50)
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
 
@@ -337,8 +340,9 @@ def test_schedule_multipliers_unchanged(steps, warmup_steps, cooldown_fraction, 
         assert lr_multiplier(step, warmup_steps, progress, **kw) == pytest.approx(expected, rel=0, abs=1e-5)
 
 
-def test_apply_lr_and_muon_momentum():
-    optimizers = build_optimizers(TinyLM(), lr_matrix=0.02, lr_scalar=0.04)
+@pytest.mark.parametrize("muon_impl", ["ours", "torch"])
+def test_apply_lr_and_muon_momentum(muon_impl):
+    optimizers = build_optimizers(TinyLM(), muon_impl=muon_impl, lr_matrix=0.02, lr_scalar=0.04)
     apply_lr(optimizers, 0.5)
     for opt in optimizers:
         for group in opt.param_groups:
