@@ -1,4 +1,8 @@
-"""Our Muon (training/optim.py) against torch.optim.Muon, side by side.
+"""Our former Muon against torch.optim.Muon, side by side.
+
+Our Muon class lived in training/optim.py until this comparison replaced it with torch's
+(benchmarks/results/muon_vs_torch.md); the benchmark reads that file from git at OURS_REVISION,
+so it runs from any later checkout.
 
     OMP_NUM_THREADS=1 python benchmarks/muon_vs_torch.py                      # all three parts
     OMP_NUM_THREADS=1 python benchmarks/muon_vs_torch.py --parts equivalence speed
@@ -26,13 +30,17 @@ Parts:
                random gradients, median of several steps, on this machine's CPU.
   quality      the budget recipe of benchmarks/results/pretrain_recipe_shakespeare.md (session 3)
                on tiny shakespeare, fixed token count, three seeds per implementation
-               (`--muon_impl ours|torch` of `iterative-llm train`).
+               (measured with `--muon_impl ours|torch` of `iterative-llm train` at OURS_REVISION;
+               since then, the training loop with OURS_REVISION's build_optimizers for ours).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +52,23 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM  # noqa: E402
-from training.optim import Muon, build_optimizers  # noqa: E402
+
+# The last commit with our Muon class and the `--muon_impl ours|torch` switch that the measurements used.
+OURS_REVISION = "c47ce80"
+
+
+@functools.cache
+def load_ours(revision: str = OURS_REVISION):
+    """training/optim.py as it was at `revision`, imported as a module of its own."""
+    source = subprocess.run(["git", "show", f"{revision}:training/optim.py"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="muon-ours-")) / f"optim_{revision}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 
 class TorchMuonInFloat32(torch.optim.Muon):
@@ -70,7 +94,7 @@ def make(impl: str, params, lr: float, momentum: float, weight_decay: float):
         return torch.optim.Muon(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay,
                                 adjust_lr_fn="original")
     ns_dtype = {"ours-fp32": torch.float32, "ours-bf16": torch.bfloat16}[impl]
-    return Muon(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay, ns_dtype=ns_dtype)
+    return load_ours().Muon(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay, ns_dtype=ns_dtype)
 
 
 def equivalence(steps: int = 3) -> None:
@@ -116,7 +140,7 @@ def speed(presets: list[str], repeats: dict[str, int]) -> None:
     for name in presets:
         torch.manual_seed(0)
         model = IterativeLLMForCausalLM(IterativeLLMConfig.from_preset(name))
-        muon = build_optimizers(model)[0]  # the Muon of the real split: the blocks' nn.Linear weights
+        muon = load_ours().build_optimizers(model)[0]  # the Muon of the real split: the blocks' nn.Linear weights
         matrices = [p for group in muon.param_groups for p in group["params"]]
         del muon
         grads = [torch.randn_like(p) for p in matrices]
@@ -139,10 +163,13 @@ def speed(presets: list[str], repeats: dict[str, int]) -> None:
 
 
 def quality(data_dir: Path, work: Path, seeds: list[int], max_tokens: int) -> None:
-    from benchmarks.pretrain_recipe import split_shakespeare
-    from training.config import build_config, load_preset, merge
-    from training.pretrain import train
+    from unittest import mock
 
+    from benchmarks.pretrain_recipe import split_shakespeare
+    from training import pretrain
+    from training.config import build_config, load_preset, merge
+
+    ours = load_ours()
     data, val, _ = split_shakespeare(data_dir, work)
     # Session 3's budget settings (benchmarks/results/pretrain_recipe_shakespeare.md), stopped by a
     # token count instead of a wall-clock limit so that machine load does not change the result.
@@ -155,7 +182,13 @@ def quality(data_dir: Path, work: Path, seeds: list[int], max_tokens: int) -> No
     results: dict[str, list[tuple[float, float]]] = {"ours": [], "torch": []}
     for seed in seeds:
         for impl in ("ours", "torch"):
-            summary = train(build_config({**base, "muon_impl": impl, "seed": seed, "out": str(work / f"{impl}_{seed}")}))
+            config = build_config({**base, "seed": seed, "out": str(work / f"{impl}_{seed}")})
+            if impl == "torch":
+                summary = pretrain.train(config)
+            else:  # the loop of today with the optimisers of OURS_REVISION (its default there: our Muon)
+                with mock.patch.object(pretrain, "build_optimizers", ours.build_optimizers), \
+                        mock.patch.object(pretrain, "apply_muon_momentum", ours.apply_muon_momentum):
+                    summary = pretrain.train(config)
             results[impl].append((summary["final_val_bpb"], summary["time"]))
             print(f"{impl} seed {seed}: val bpb {summary['final_val_bpb']:.4f}, {summary['steps']} steps, "
                   f"{summary['time']:.1f} s of training", flush=True)

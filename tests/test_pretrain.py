@@ -84,16 +84,6 @@ def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path, text_di
     assert recorded["torch"] == torch.__version__.split("+")[0] or recorded["torch"].startswith(torch.__version__[:4])
 
 
-def test_torch_muon_trains_too(tmp_path, text_dir):
-    """`--muon_impl torch` puts torch.optim.Muon on the matrices; the loss falls as with ours."""
-    run = tmp_path / "run"
-    train(build_config(settings(text_dir, run, max_steps=30, eval_every=0, lr_matrix=0.05, muon_impl="torch")))
-    curve = losses(run)
-    assert len(curve) == 30 and sum(curve[-5:]) / 5 < curve[0] - 0.5
-    with pytest.raises(ValueError, match="`muon_impl` must be 'ours' or 'torch', got 'keras'"):
-        build_config(settings(text_dir, tmp_path / "other", muon_impl="keras"))
-
-
 def test_generate_command_reads_a_run_folder(tmp_path, text_dir, capsys):
     from training.generate import main as generate_main
 

@@ -73,7 +73,6 @@ class TrainConfig:
 
     # -- optimisation
     optimizer: str = setting("muon", "muon (Muon for hidden matrices + AdamW) or adamw (the baseline)")
-    muon_impl: str = setting("ours", "ours (training/optim.py, batched by shape) or torch (torch.optim.Muon)")
     lr_matrix: float = setting(0.02, "Muon learning rate of the hidden weight matrices")
     lr_embed: float = setting(0.3, "AdamW learning rate of the token embedding")
     lr_head: float = setting(0.004, "AdamW learning rate of the output head")
@@ -345,8 +344,6 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
     config = TrainConfig(**merge({}, values, "the settings"))
     if config.optimizer not in ("muon", "adamw"):
         raise ValueError(f"`optimizer` must be 'muon' or 'adamw', got {config.optimizer!r}.")
-    if config.muon_impl not in ("ours", "torch"):
-        raise ValueError(f"`muon_impl` must be 'ours' or 'torch', got {config.muon_impl!r}.")
     if config.schedule not in ("wsd", "cosine"):
         raise ValueError(f"`schedule` must be 'wsd' or 'cosine', got {config.schedule!r}.")
     if config.precision not in ("auto", "bf16", "fp32"):

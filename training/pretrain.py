@@ -179,7 +179,7 @@ def train(config: TrainConfig, model_factory=None) -> dict:
 
     # ------------------------------------------------------------------ optimizers and schedule
     optimizers = build_optimizers(
-        raw_model, optimizer=config.optimizer, muon_impl=config.muon_impl, lr_matrix=config.lr_matrix, lr_embed=config.lr_embed,
+        raw_model, optimizer=config.optimizer, lr_matrix=config.lr_matrix, lr_embed=config.lr_embed,
         lr_head=config.lr_head, lr_scalar=config.lr_scalar, adamw_lr=config.adamw_lr,
         weight_decay=config.weight_decay,
     )
