@@ -22,7 +22,7 @@ they are starting points to be confirmed by a benchmark of our own, not tuned he
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
