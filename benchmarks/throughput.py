@@ -34,7 +34,7 @@ KV cache: transformers' dynamic cache, and with `--compile` also the static cach
 step compiled (`cache_implementation="static"`; on CUDA transformers' auto-compile, CUDA graphs).
 
 `--compile` compiles our model as training does (training/step.py `compile_model`: each block and
-the loss; the optimizer step stays eager, its Newton-Schulz work batched by shape); `--compile-baseline`
+the loss; the optimizer step, torch.optim.Muon + AdamW, stays eager); `--compile-baseline`
 compiles GPT-2 too (whole, like for like). The table says which contestant ran how. Each phase prints
 a line as it starts and ends, with the seconds since the start (`--quiet` prints only the table).
 

@@ -2,12 +2,14 @@
 
 What is here, top to bottom:
 
-- `Muon`: momentum SGD whose update for each weight matrix is orthogonalised by a few
-  Newton-Schulz iterations (Keller Jordan, "Muon: An optimizer for hidden layers in neural
-  networks", 2024, https://kellerjordan.github.io/posts/muon/). It set most of the
-  modded-nanogpt speedrun records and is nanochat's optimiser for the transformer matrices.
 - `build_optimizers`: splits a model's parameters by module type into Muon (hidden matrices)
   and AdamW (embedding, output head, 1-D params), or one AdamW for everything (the baseline).
+  Muon is momentum SGD whose update for each weight matrix is orthogonalised by a few
+  Newton-Schulz iterations (Keller Jordan, "Muon: An optimizer for hidden layers in neural
+  networks", 2024, https://kellerjordan.github.io/posts/muon/); it set most of the
+  modded-nanogpt speedrun records and is nanochat's optimiser for the transformer matrices.
+  We use torch's, `torch.optim.Muon`: our own, batched by shape, was no better side by side
+  (benchmarks/results/muon_vs_torch.md).
 - `lr_multiplier` / `apply_lr`: warmup by steps, then warmup-stable-decay (the speedrun's
   trapezoid) or cosine over the fraction of the budget done.
 - `muon_momentum`: modded-nanogpt's momentum warmup for Muon.
@@ -20,15 +22,13 @@ they are starting points to be confirmed by a benchmark of our own, not tuned he
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
-    "Muon",
-    "zeropower_via_newton_schulz",
     "build_optimizers",
     "lr_multiplier",
     "apply_lr",
@@ -37,164 +37,6 @@ __all__ = [
     "optimizer_state_dicts",
     "load_optimizer_state_dicts",
 ]
-
-# ----------------------------------------------------------------------------------------------
-# Muon
-
-# Quintic Newton-Schulz coefficients (3.4445, -4.7750, 2.0315) from Keller Jordan's Muon, 2024.
-# They are chosen to make the slope at zero as steep as possible, so five steps pull even small
-# singular values up; the price is that the iteration does not converge to exactly 1 but leaves
-# the singular values oscillating in roughly [0.68, 1.2], which the Muon post reports does not
-# hurt training. tests/test_optim.py measures that band.
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-
-
-@torch.no_grad()
-def zeropower_via_newton_schulz(
-    g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32, eps: float = 1e-7
-) -> torch.Tensor:
-    """Approximately orthogonalise `g` (rows, cols), or each matrix of a stack (n, rows, cols):
-    return about U V^T where g = U S V^T.
-
-    Each step applies the odd polynomial x -> a x + b (x x^T) x + c (x x^T)^2 x, which acts on
-    every singular value separately and leaves the singular vectors alone. The result is in
-    `dtype`; the caller casts it back to the parameter's dtype. A stack is done in one batched
-    product per term (Muon.step stacks matrices of one shape, as modded-nanogpt does).
-    """
-    if g.ndim not in (2, 3):
-        raise ValueError(f"Newton-Schulz needs a 2-D matrix or a stack of them, got shape {tuple(g.shape)}")
-    a, b, c = NS_COEFFICIENTS
-    x = g.to(dtype)
-    # Work on the wide orientation so the Gram matrix x x^T is the smaller one:
-    # (min(rows, cols), min(rows, cols)) instead of (max, max).
-    tall = x.size(-2) > x.size(-1)
-    if tall:
-        x = x.mT
-    # The iteration only converges for singular values in (0, ~1]; the Frobenius norm bounds the
-    # spectral norm from above, so dividing by it is a cheap way to get there (Muon post).
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
-    for _ in range(steps):
-        gram = x @ x.mT  # (r, r), r = min(rows, cols)
-        x = a * x + (b * gram + c * (gram @ gram)) @ x
-    return x.mT if tall else x
-
-
-class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-Schulz, for 2-D weight matrices only.
-
-    One step, per matrix W with gradient G (Keller Jordan, 2024):
-
-        B <- momentum * B + G                      (heavy-ball buffer)
-        U <- G + momentum * B  if nesterov else B
-        O <- NewtonSchulz(U)                       (singular values pushed to about 1)
-        W <- W * (1 - lr * weight_decay)           (decoupled, as in AdamW)
-        W <- W - lr * sqrt(max(1, rows / cols)) * O
-
-    Embeddings, the output head and 1-D parameters belong in AdamW: the Muon post applies Muon
-    to hidden-layer matrices only (an embedding is a lookup table, not a linear map between
-    hidden states) and reports the head trains better with AdamW. `build_optimizers` does
-    that split.
-
-    There is no distributed communication in here on purpose: under data parallelism (DDP or
-    accelerate) the gradients are already averaged across ranks before `step()`, so every rank
-    computes the same orthogonalised update from the same gradient. nanochat and modded-nanogpt
-    shard the Newton-Schulz work across ranks instead; that saves time at 8 GPUs, not at one.
-    """
-
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 0.02,
-        momentum: float = 0.95,
-        nesterov: bool = True,
-        weight_decay: float = 0.0,
-        ns_steps: int = 5,
-        ns_dtype: torch.dtype | None = None,
-    ) -> None:
-        # lr 0.02 and momentum 0.95 are nanochat's Muon settings (matrix_lr=0.02); modded-nanogpt
-        # uses 0.05 with a shorter run. Five Newton-Schulz steps are the Muon post's default.
-        if lr < 0.0:
-            raise ValueError(f"Muon lr must be >= 0, got {lr}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"Muon momentum must be in [0, 1), got {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Muon weight_decay must be >= 0, got {weight_decay}")
-        if int(ns_steps) != ns_steps or ns_steps < 1:
-            raise ValueError(f"Muon ns_steps must be a positive integer, got {ns_steps}")
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            ns_steps=int(ns_steps),
-            ns_dtype=ns_dtype,
-        )
-        super().__init__(params, defaults)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        # Checked here rather than in __init__ so groups added later are checked too.
-        super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            if p.ndim != 2:
-                raise ValueError(
-                    f"Muon only optimises 2-D weight matrices, got a parameter of shape "
-                    f"{tuple(p.shape)}. Give 1-D and scalar parameters (norm weights, biases) "
-                    "to AdamW; build_optimizers() does this split for you."
-                )
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("Muon does not support sparse gradients")
-            grads = [p.grad for p in params]
-            for p in params:
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
-            buffers = [self.state[p]["momentum_buffer"] for p in params]
-            # The heavy-ball form B = mu B + G of Keller's first Muon. Later versions keep an
-            # EMA (lerp) instead; the two differ by the constant factor (1 - mu), which the
-            # Frobenius normalisation inside Newton-Schulz removes, so the update is the same.
-            # foreach: one kernel per operation for all matrices, not one per matrix.
-            torch._foreach_mul_(buffers, mu)
-            torch._foreach_add_(buffers, grads)
-            updates = torch._foreach_add(grads, buffers, alpha=mu) if group["nesterov"] else buffers
-
-            # Matrices of one shape are orthogonalised together, one batched product per term: the
-            # 72 matrices of gpt2-small are 3 stacks. One at a time the step cost 62 ms on an H200
-            # (6% of a 0.5M-token step, benchmarks/results/gpu_check_h200.md).
-            by_shape: dict[tuple, list[int]] = {}
-            for i, p in enumerate(params):
-                by_shape.setdefault((tuple(p.shape), p.device, p.dtype), []).append(i)
-            for (shape, device, dtype), members in by_shape.items():
-                # bfloat16 on GPU as in the Muon post (the iteration tolerates it and tensor cores
-                # make it cheap); float32 on CPU, where bf16 matmuls are slow and no more useful.
-                ns_dtype = group["ns_dtype"]
-                if ns_dtype is None:
-                    ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-                stack = torch.stack([updates[i] for i in members])  # (n, rows, cols)
-                ortho = zeropower_via_newton_schulz(stack, group["ns_steps"], ns_dtype).to(dtype)
-                # An orthogonalised (rows, cols) matrix has entries of RMS 1 / sqrt(max(rows,
-                # cols)). Scaling by sqrt(max(1, rows / cols)), as Keller's Muon and
-                # modded-nanogpt do, brings that to 1 / sqrt(cols) = 1 / sqrt(fan_in) for tall
-                # and wide matrices alike (nn.Linear stores (out, in)), so one lr fits the
-                # square attention projections and the rectangular MLP ones.
-                rows, cols = shape
-                scale = max(1.0, rows / cols) ** 0.5
-                targets = [params[i] for i in members]
-                if wd != 0.0:
-                    torch._foreach_mul_(targets, 1.0 - lr * wd)
-                torch._foreach_add_(targets, list(ortho.unbind(0)), alpha=-lr * scale)
-        return loss
-
 
 # ----------------------------------------------------------------------------------------------
 # Parameter groups
@@ -221,9 +63,11 @@ def build_optimizers(
     """Build the optimisers for `model`; step all of them after each backward pass.
 
     optimizer="muon" (the speedrun recipe, as in modded-nanogpt and nanochat) returns
-    [Muon, AdamW]:
+    [torch.optim.Muon, AdamW]:
       - Muon ("matrix" group, `lr_matrix`): the weight of every nn.Linear except the output head,
-        that is the attention and MLP projections of the transformer blocks.
+        that is the attention and MLP projections of the transformer blocks. The Muon post applies
+        Muon to hidden-layer matrices only (an embedding is a lookup table, not a linear map
+        between hidden states) and reports the head trains better with AdamW.
       - AdamW, one group each:
         "embed" (`lr_embed`): the input embedding and any other nn.Embedding;
         "head" (`lr_head`): the output head, when it is not tied to the input embedding;
@@ -242,7 +86,9 @@ def build_optimizers(
     "name" for logging and for checking a checkpoint against the setting that made it.
 
     Defaults, to be confirmed by our own benchmark:
-      lr_matrix 0.02    nanochat's matrix_lr (modded-nanogpt's shorter runs use 0.05).
+      lr_matrix 0.02    nanochat's matrix_lr (modded-nanogpt's shorter runs use 0.05), with
+                        momentum 0.95 and Nesterov (both nanochat's); the update of a (rows, cols)
+                        matrix is scaled by sqrt(max(1, rows / cols)) (Keller's "original").
       lr_embed 0.3      nanochat's embedding_lr for an untied embedding.
       lr_head 0.004     nanochat's unembedding_lr (modded-nanogpt: 0.008).
       lr_scalar 0.04    modded-nanogpt's Adam lr for its scalar parameters.
@@ -290,11 +136,18 @@ def build_optimizers(
         adam_groups = [g for g in adam_groups if g["params"]]
         optimizers = []
         if groups["matrix"]:
+            # Every setting given: torch's defaults are lr 1e-3 and weight decay 0.1. Its "original"
+            # lr adjustment is Keller's sqrt(max(1, rows / cols)): an orthogonalised matrix has
+            # entries of RMS 1 / sqrt(max(rows, cols)), and the factor brings that to
+            # 1 / sqrt(cols) = 1 / sqrt(fan_in) for tall and wide matrices alike (nn.Linear
+            # stores (out, in)), so one lr fits square and rectangular projections.
+            # Under data parallelism the gradients are averaged before step(), so every rank
+            # computes the same update; nanochat and modded-nanogpt shard the Newton-Schulz work
+            # across ranks instead, which saves time at 8 GPUs, not at one.
             optimizers.append(
-                Muon(
-                    [dict(name="matrix", params=groups["matrix"])],
-                    lr=lr_matrix,
-                    weight_decay=weight_decay,
+                torch.optim.Muon(
+                    [dict(name="matrix", params=groups["matrix"])], lr=lr_matrix, momentum=0.95,
+                    nesterov=True, weight_decay=weight_decay, adjust_lr_fn="original",
                 )
             )
         if adam_groups:
@@ -453,7 +306,7 @@ def muon_momentum(
 def apply_muon_momentum(optimizers: Sequence[torch.optim.Optimizer], momentum: float) -> None:
     """Set the momentum of every Muon group in `optimizers` (AdamW ones are left alone)."""
     for opt in optimizers:
-        if isinstance(opt, Muon):
+        if isinstance(opt, torch.optim.Muon):
             for group in opt.param_groups:
                 group["momentum"] = momentum
 
@@ -497,4 +350,22 @@ def load_optimizer_state_dicts(
                 f"{saved_layout} do not match the built ones {built_layout}: {hint}"
             )
     for opt, state in zip(optimizers, states):
+        if isinstance(opt, torch.optim.Muon) and any("ns_dtype" in g for g in state["param_groups"]):
+            state = _from_our_muon(state, opt)
         opt.load_state_dict(state)
+
+
+def _from_our_muon(state: dict[str, Any], opt: torch.optim.Muon) -> dict[str, Any]:
+    """A checkpoint of the Muon class this file had before torch.optim.Muon replaced it (its groups
+    carry "ns_dtype"), as torch's state. Ours kept the sum B <- mu B + g, torch's keeps the average
+    T <- mu T + (1 - mu) g, so T = (1 - mu) B while mu is constant (after the momentum warmup;
+    during it the scale is near enough, and Newton-Schulz normalises the update's scale anyway)."""
+    fresh = {k: v for k, v in opt.defaults.items()}
+    groups, buffers = [], {}
+    for group in state["param_groups"]:
+        groups.append({**fresh, **{k: v for k, v in group.items() if k != "ns_dtype"}})
+        for index in group["params"]:
+            if index in state["state"]:
+                buffer = state["state"][index]["momentum_buffer"]
+                buffers[index] = {"momentum_buffer": buffer * (1.0 - group["momentum"])}
+    return {"state": buffers, "param_groups": groups}
