@@ -193,7 +193,9 @@ def parse_command_line(
     """
     try:
         if parse is None:
-            namespace, rest = parser.parse_known_args(argv)
+            # Intermixed: positionals may come after options (`generate RUN --compile "Once upon"`),
+            # which plain argparse refuses once its first positionals are matched.
+            namespace, rest = parser.parse_known_intermixed_args(argv)
             if rest and extra_arguments is not None and not any(token.startswith("-") for token in rest):
                 parser.error(extra_arguments(rest, namespace))
             if rest:

@@ -159,6 +159,13 @@ def test_generate_takes_both_spellings_of_its_options(small_context_folder, caps
     assert exit_info.value.code == 2 and "unrecognized arguments: --max_new" in capsys.readouterr().err
 
 
+def test_arguments_may_come_after_options(small_context_folder, capsys):
+    """`generate RUN --max_new_tokens 6 "The cat"`: the prompt after an option is still the prompt."""
+    expected = _generate(small_context_folder, "The cat", "--max_new_tokens", "6", capsys=capsys)
+    code = cli_main(["generate", "--temperature", "0", str(small_context_folder), "--max_new_tokens", "6", "The cat"])
+    assert expected[0] == code == 0 and capsys.readouterr().out == expected[1]
+
+
 def test_generate_slides_a_long_prompt_and_says_so(small_context_folder, tokenizer, capsys):
     prompt = "The cat sees the river. " * 4
     n_prompt = 1 + len(tokenizer.encode(prompt, add_special_tokens=False))  # with the boundary token
