@@ -81,11 +81,14 @@ def tokenizer_for(
     saved = Path(out_dir) / TOKENIZER_DIR
     if saved.is_dir():
         return load_tokenizer(saved)
+    documents = iter(iter_documents(source, text_column=text_column, doc_separator=doc_separator,
+                                    max_documents=max_documents))
+    first = next(documents, None)  # a missing or empty source is named before any work is announced
+    if first is None:
+        raise ValueError(f"{source} holds no text to train a tokenizer on.")
     say(f"training a {vocab_size}-token byte-level BPE tokenizer on {source} ...")
     start = time.perf_counter()
-    documents = iter_documents(source, text_column=text_column, doc_separator=doc_separator,
-                               max_documents=max_documents)
-    trained = train_tokenizer(_first_chars(documents, train_chars), vocab_size=vocab_size)
+    trained = train_tokenizer(_first_chars(itertools.chain([first], documents), train_chars), vocab_size=vocab_size)
     trained.save_pretrained(saved)
     say(f"tokenizer: {len(trained)} tokens in {time.perf_counter() - start:.1f} s, saved to {saved}")
     return trained
