@@ -30,12 +30,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM, run_folder
-from iterative_llm.tokenization import check_tokenizer_matches_model, load_tokenizer, token_byte_lengths
+from iterative_llm.tokenization import check_tokenizer_matches_model, token_byte_lengths
 
 from .batches import RandomWindowBatches
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -46,7 +46,7 @@ from .export import export_model_folder
 from .guards import LearningCheck, TrainingError, check_loss_finite, check_model_settings, check_resume_settings
 from .multiple_choice import hellaswag_in_run
 from .optim import apply_lr, apply_muon_momentum, build_optimizers, lr_multiplier, muon_momentum
-from .prepare import TOKENIZER_DIR, ShardSettingsError, prepare_shards, tokenizer_for
+from .prepare import ShardSettingsError, prepare_shards, tokenizer_for
 from .shards import MANIFEST, ShardedDataset
 from .step import compile_model, eagerly, to_model_inputs, train_step, warm_up_compiled
 from .versions import package_versions
@@ -144,6 +144,7 @@ class Run:
     micro_batches: list  # one RandomWindowBatches per micro-step
     loss_kwargs: dict  # what the model's forward needs to return the loss alone
     state: dict  # step, tokens, time: what a checkpoint saves and a resume continues from
+    say: Callable[[str], None]  # prints on the main process only
     compile_seconds: float = 0.0
     first_loss: float | None = None
     byte_lengths: torch.Tensor = field(init=False)
@@ -153,10 +154,6 @@ class Run:
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.device = self.accelerator.device
         self.byte_lengths = torch.from_numpy(token_byte_lengths(self.tokenizer).astype("int64"))
-
-    def say(self, message: str) -> None:
-        if self.main_process:
-            print(message, flush=True)
 
     def progress(self) -> float:
         """The fraction of the budget done: the first of max_steps, max_tokens and max_time to be reached."""
@@ -302,7 +299,7 @@ def set_up(config: TrainConfig, model_factory=None) -> Run:
         # Our model computes the loss chunk by chunk without keeping the (B, T, V) logits
         # (`skip_logits`); a baseline model from `model_factory` gets the plain call.
         loss_kwargs={"skip_logits": True} if isinstance(raw_model, IterativeLLMForCausalLM) else {},
-        state=state,
+        state=state, say=say,
     )
 
 
@@ -315,18 +312,21 @@ def _prepared_data(config: TrainConfig, accelerator, out: Path, say):
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
+    def the_tokenizer():
+        vocab_size = config.model.get("vocab_size") or IterativeLLMConfig.from_preset(config.model_preset).vocab_size
+        return tokenizer_for(
+            config.data, data_dir, tokenizer=config.tokenizer, vocab_size=vocab_size,
+            text_column=config.text_column, doc_separator=config.doc_separator,
+            max_documents=config.max_documents, train_chars=config.tokenizer_train_chars, say=say,
+        )
+
     try:
         if main_process:
-            vocab_size = config.model.get("vocab_size") or IterativeLLMConfig.from_preset(config.model_preset).vocab_size
-            tokenizer = tokenizer_for(
-                config.data, data_dir, tokenizer=config.tokenizer, vocab_size=vocab_size,
-                text_column=config.text_column, doc_separator=config.doc_separator,
-                max_documents=config.max_documents, train_chars=config.tokenizer_train_chars, say=say,
-            )
+            tokenizer = the_tokenizer()  # trained and saved in the data folder if it has none
             _prepare_shards(config, tokenizer, data_dir, out)
         accelerator.wait_for_everyone()
         if not main_process:
-            tokenizer = load_tokenizer(config.tokenizer or data_dir / TOKENIZER_DIR)
+            tokenizer = the_tokenizer()  # the main process's, saved by now
     except BaseException:
         if main_process:
             _remove_created(created, say)
