@@ -22,7 +22,7 @@ from training import prepare as data  # the prepare stage: its batching, its man
 from training.batches import RandomWindowBatches, iter_eval_batches
 from training.prepare import prepare_shards
 from training.shards import ShardedDataset
-from training.sources import iter_documents
+from training.sources import HubDatasetError, iter_documents
 
 # Hand-written documents that tend to break round trips, then plain generated ones so that the
 # hash split has enough documents to put some in validation.
@@ -445,7 +445,7 @@ def test_unreachable_hub_dataset_gives_a_clear_error(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
     started = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"could not load dataset nobody/no-such-corpus:en from the "
+    with pytest.raises(HubDatasetError, match=r"could not load dataset nobody/no-such-corpus:en from the "
                                            r"Hugging Face hub: .*network, or pass local files"):
         list(iter_documents("nobody/no-such-corpus:en"))
     assert time.monotonic() - started < 20

@@ -264,6 +264,10 @@ def _parquet_documents(path: Path, gzipped: bool, text_column: str) -> Iterator[
             yield value or ""
 
 
+class HubDatasetError(ValueError):
+    """A hub dataset that cannot be read (offline, a wrong name or split, no access): bad input, said in one line."""
+
+
 def _parse_hub_name(source: str, split: str) -> tuple[str, str | None, str]:
     # "@" cannot occur in a hub repository name, so "NAME:CONFIG@SPLIT" is unambiguous; it lets a
     # val_source name the hub split it wants ("roneneldan/TinyStories@validation").
@@ -278,16 +282,22 @@ def _hub_documents(source: str, text_column: str, split: str) -> Iterator[str]:
         import datasets
     except ImportError as err:
         raise ImportError("hub datasets need `datasets`: pip install 'iterative-llm[train]'") from err
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # its retries print a warning per request: the error below says it once
     try:
         # Streaming reads records as they arrive: no full download, no Arrow cache on disk.
         rows = iter(datasets.load_dataset(name, config, split=split, streaming=True))
         first = next(rows, None)
     except Exception as err:  # the hub raises many kinds (connection, not found, bad split, auth)
-        raise RuntimeError(
+        raise HubDatasetError(
             f"could not load dataset {source} from the Hugging Face hub: {err}. "
             "Check the name and your network, or pass local files (no local file or folder of "
             "that name exists either)."
-        ) from err
+        ) from None  # the hub's own traceback says nothing the message does not
+    finally:
+        hub_logging.set_verbosity(hub_verbosity)
     if first is None:
         return
     where = f"hub dataset {source} (split {split})"
