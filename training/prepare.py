@@ -19,6 +19,9 @@ Notable choices:
 - The shard folder is resumable: shards are written atomically, the manifest is rewritten after
   every shard as a consistent checkpoint, and a re-run with the same settings reuses the finished
   work instead of tokenising again.
+- `max_tokens` (what a run under a time budget will train on) is how far to read, not what the data
+  is: a folder prepared up to a cap is extended, from where it stopped, by a later call that asks for
+  more (a resumed or longer run), and reused as it is by one that asks for less.
 """
 
 from __future__ import annotations
@@ -145,7 +148,6 @@ def prepare_shards(
         "split_rule": "val_source" if val_source is not None else "blake2b-64(utf8(text)) < val_fraction",
         "val_fraction": None if val_source is not None else val_fraction,
         "max_documents": max_documents,
-        "max_tokens": max_tokens,
     }
     # One stream per source: (manifest key, source, the split it goes to, or None to split by hash).
     streams = [("source", source, "train" if val_source is not None else None)]
@@ -155,6 +157,8 @@ def prepare_shards(
     manifest = read_manifest(out) if (out / MANIFEST).exists() else None
     if manifest is not None:
         _check_same_settings(out, manifest, settings)
+        if manifest["complete"] and _extend_to(manifest, max_tokens):
+            _say(progress, f"extending the shards in {out} (read up to {max_tokens or 'all'} tokens of each source)")
         if manifest["complete"]:
             dataset = ShardedDataset(out, manifest)
             _say(progress, f"reusing the finished shards in {out} ({dataset.summary()}); nothing to tokenise")
@@ -202,7 +206,7 @@ def prepare_shards(
             for key, stream_source, forced_split in streams:
                 state = manifest["progress"][key]
                 if max_tokens is not None and state["tokens"] >= max_tokens:
-                    state["done"] = True
+                    state.update(done=True, capped=True)
                 if state["done"]:
                     continue
                 documents = iter_documents(stream_source, text_column=text_column,
@@ -211,7 +215,10 @@ def prepare_shards(
                 documents = itertools.islice(documents, state["documents_read"], None)
                 pieces = _pieces(documents, forced_split, val_fraction, tails)
                 bar = _progress_bar(progress, f"tokenising {stream_source}", state["tokens"])
-                for batch in _batched_texts(pieces):
+                # Under a cap, a batch holds about the text still wanted (4 characters a token), so that
+                # a stream (a hub dataset) is not read far past it.
+                wanted = None if max_tokens is None else (lambda: 4 * (max_tokens - state["tokens"]))
+                for batch in _batched_texts(pieces, wanted):
                     encoded = _encode_batch(encoder, [text for text, _, _ in batch])
                     for (text, split, document_ends), ids in zip(batch, encoded):
                         document = np.empty(len(ids) + 1, dtype=np.int64)
@@ -224,13 +231,14 @@ def prepare_shards(
                             continue  # the held-out tail of this document follows
                         state["documents_read"] += 1
                         if max_tokens is not None and state["tokens"] >= max_tokens:
+                            state["capped"] = True  # more is there: a later call may extend from here
                             break
                         if writers[split].open_tokens >= shard_tokens:
                             checkpoint()
                     if bar is not None:
                         bar.update(state["tokens"] - bar.n)
                         bar.set_postfix(docs=state["documents_read"], refresh=False)
-                    if max_tokens is not None and state["tokens"] >= max_tokens:
+                    if state.get("capped"):  # at a document's end, never between its two parts
                         break
                 if bar is not None:
                     bar.close()
@@ -281,6 +289,23 @@ def prepare_shards(
     return dataset
 
 
+def _extend_to(manifest: dict, max_tokens: int | None) -> bool:
+    """Reopen a finished manifest whose sources stopped at an earlier cap below `max_tokens` (None:
+    no cap, read everything); True if there is more to read. The shards stay; tokenising resumes
+    after the documents already read. Folders from before the `capped` flag recorded their cap in
+    their settings."""
+    old_cap = manifest["settings"].get("max_tokens")
+    reopened = False
+    for state in manifest["progress"].values():
+        capped = state.get("capped", old_cap is not None and state["tokens"] >= old_cap)
+        if capped and (max_tokens is None or state["tokens"] < max_tokens):
+            state.update(done=False, capped=False)
+            reopened = True
+    if reopened:
+        manifest["complete"] = False
+    return reopened
+
+
 def _storage_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
@@ -323,15 +348,18 @@ def _split_tail(text: str, fraction: float) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def _batched_texts(pieces: Iterable[tuple]) -> Iterator[list[tuple]]:
-    """Groups of (text, ...) items, for the tokenizer to encode at once."""
+def _batched_texts(pieces: Iterable[tuple], wanted_chars=None) -> Iterator[list[tuple]]:
+    """Groups of (text, ...) items, for the tokenizer to encode at once; each group at most
+    `wanted_chars()` characters (asked before each group) when given, and at least one item."""
     batch, chars = [], 0
+    limit = _BATCH_CHARS if wanted_chars is None else max(1, min(_BATCH_CHARS, wanted_chars()))
     for item in pieces:
         batch.append(item)
         chars += len(item[0])
-        if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCS:
+        if chars >= limit or len(batch) >= _BATCH_DOCS:
             yield batch
             batch, chars = [], 0
+            limit = _BATCH_CHARS if wanted_chars is None else max(1, min(_BATCH_CHARS, wanted_chars()))
     if batch:
         yield batch
 
