@@ -40,13 +40,16 @@ def to_model_inputs(batch: dict, device: torch.device) -> dict:
 
 
 def train_step(model, optimizers, micro_batches, *, accumulation: int, grad_clip: float, loss_kwargs: dict,
-               clip=None, no_sync=None, autocast=None) -> torch.Tensor:
+               clip=None, no_sync=None, autocast=None, scaler=None) -> torch.Tensor:
     """One optimizer step over `accumulation` micro-batches (model inputs on the device); returns the
     step's mean loss as a device tensor (nothing here waits for the device).
 
     `no_sync()`, if given, is entered for every micro-batch but the last (data parallelism averages
     gradients once per step); `clip(parameters, max_norm)` defaults to torch's foreach clipping;
     `autocast()` wraps the forward pass where the model is not already wrapped (benchmarks).
+    `scaler` (a torch.amp.GradScaler: fp16 training) scales the loss so that small float16 gradients
+    do not flush to zero, and unscales them before clipping; a step whose gradients overflowed is
+    skipped and the scale lowered (accelerate makes it as `accelerator.scaler` under fp16).
     benchmarks/throughput.py and benchmarks/gpu_check.py time this same function.
     """
     step_loss = None
@@ -55,8 +58,11 @@ def train_step(model, optimizers, micro_batches, *, accumulation: int, grad_clip
         with sync:
             with autocast() if autocast is not None else nullcontext():
                 loss = model(**inputs, use_cache=False, **loss_kwargs).loss / accumulation
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+    if scaler is not None:
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)
     if grad_clip > 0:
         parameters = [p for p in model.parameters() if p.grad is not None]
         if clip is not None:
@@ -64,7 +70,12 @@ def train_step(model, optimizers, micro_batches, *, accumulation: int, grad_clip
         else:
             torch.nn.utils.clip_grad_norm_(parameters, grad_clip, foreach=True)
     for optimizer in optimizers:
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)  # skipped when the unscaled gradients hold inf or NaN
+        else:
+            optimizer.step()
+    if scaler is not None:
+        scaler.update()
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
     return step_loss
