@@ -328,7 +328,7 @@ def test_command_line_parsing_and_its_errors(capsys):
     assert (config.max_steps, config.max_time, config.model["hidden_size"], config.report_to, config.resume) == (
         7, None, 64, "none", True)
     assert config.data == "builtin:python-docs"  # from the preset
-    with pytest.raises(ValueError, match="Unknown training preset 'huge'. Available presets: gpt1, gpt2-small, tiny"):
+    with pytest.raises(ValueError, match="Unknown training preset 'huge'. Available presets: auto, gpt1, gpt2-small, tiny"):
         parse_args(["--preset", "huge"])
     with pytest.raises(ValueError, match="Unknown training field 'learning_rate'"):
         build_config({"learning_rate": 1.0})

@@ -28,6 +28,7 @@ import yaml
 from iterative_llm import run_folder
 from iterative_llm.command_line import CommandParser, HelpFormatter, did_you_mean, metavar, parse_command_line, shown
 
+from .budget import parse_duration
 from .prepare import TOKENIZER_TRAIN_CHARS
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -48,7 +49,7 @@ class TrainConfig:
     seed: int = setting(1337, "seed of the initial weights and of the data order")
 
     # -- model
-    model_preset: str = setting("tiny", "a model size from iterative_llm.PRESETS")
+    model_preset: str = setting("tiny", "a model size from iterative_llm.PRESETS, or auto: the best for --time_budget")
     model: dict[str, Any] = setting({}, "a model config field that overrides the size preset")
 
     # -- data
@@ -65,7 +66,7 @@ class TrainConfig:
     # -- batch: `batch_size` sequences of `seq_len` tokens per process and micro-step; micro-steps
     #    are accumulated until `batch_tokens` tokens (all processes together) make one optimizer step.
     seq_len: int = setting(256, "tokens per training sequence")
-    batch_size: int = setting(32, "sequences per process and micro-step")
+    batch_size: int | str = setting(32, "sequences per process and micro-step; auto = the most the device's memory holds")
     batch_tokens: int = setting(8192, "tokens per optimizer step, all processes together (micro-steps are accumulated)")
     document_masking: bool = setting(False, "attend only within a document (position ids restart at each boundary)")
 
@@ -74,6 +75,7 @@ class TrainConfig:
     max_steps: int | None = setting(1000, "stop after this many optimizer steps")
     max_tokens: int | None = setting(None, "stop after this many training tokens")
     max_time: float | None = setting(None, "stop after this many seconds of training (evaluation excluded)")
+    time_budget: str | None = setting(None, "the whole command's time, data to model folder: 2h, 90m, 45s or seconds")
 
     # -- optimisation
     optimizer: str = setting("muon", "muon (Muon for hidden matrices + AdamW) or adamw (the baseline)")
@@ -92,10 +94,11 @@ class TrainConfig:
     stop_if_not_learning: bool = setting(True, "stop when the loss has not fallen after the first 2% of the run (>= 20 steps)")
 
     # -- speed
-    precision: str = setting("auto", "auto (bf16 where a GPU supports it, else fp32), bf16 or fp32")
+    precision: str = setting("auto", "auto (bf16 where native, fp16 on CUDA cards without it, fp32 on CPU), bf16, fp16 or fp32")
     compile: bool = setting(False, "torch.compile each block and the loss, before the clock starts")
     compile_check: bool = setting(True, "with --compile: stop if the compiled gradients differ from the eager ones")
-    activation_checkpointing: bool = setting(False, "recompute activations in the backward pass to save memory")
+    activation_checkpointing: bool | str = setting(
+        "auto", "recompute activations in the backward pass to save memory; auto = when one sequence does not fit")
     dataloader_pin_memory: bool = setting(True, "pin batches in page-locked memory for faster GPU copies")
 
     # -- evaluation, logging, checkpoints
@@ -127,7 +130,7 @@ SECTIONS = (
 )
 # Settings that `--resume` may change: they neither reorder the data nor change the model.
 RESUME_MAY_CHANGE = (
-    "out", "resume", "max_steps", "max_tokens", "max_time", "eval_every", "eval_tokens", "sample_every",
+    "out", "resume", "max_steps", "max_tokens", "max_time", "time_budget", "eval_every", "eval_tokens", "sample_every",
     "sample_prompts", "sample_tokens", "log_every", "checkpoint_every", "keep_checkpoints", "report_to",
     "progress", "dataloader_pin_memory", "compile", "compile_check", "activation_checkpointing", "stop_if_not_learning",
     "hellaswag", "hellaswag_every", "hellaswag_limit",
@@ -247,7 +250,7 @@ def _build_parser(defaults: dict[str, Any], preset: str) -> CommandParser:
                                help=f"{f.metadata['help']}, e.g. --model.num_hidden_layers 6 (default: "
                                     f"{shown(shape) if shape else 'none'})")
             continue
-        boolean = kinds[f.name] is bool
+        boolean = kinds[f.name] is bool or bool in typing.get_args(kinds[f.name])  # `bool | str`: true, false, auto
         # A boolean given alone (`--resume`) means true; `--resume false` also works.
         kwargs = dict(dest=f.name, metavar=metavar(kinds[f.name]), nargs="?" if boolean else None,
                       const="true" if boolean else None)
@@ -372,15 +375,21 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
         raise ValueError(f"`optimizer` must be 'muon' or 'adamw', got {config.optimizer!r}.")
     if config.schedule not in ("wsd", "cosine"):
         raise ValueError(f"`schedule` must be 'wsd' or 'cosine', got {config.schedule!r}.")
-    if config.precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"`precision` must be 'auto', 'bf16' or 'fp32', got {config.precision!r}.")
+    if config.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ValueError(f"`precision` must be 'auto', 'bf16', 'fp16' or 'fp32', got {config.precision!r}.")
     if config.report_to not in ("tensorboard", "wandb", "none"):
         raise ValueError(f"`report_to` must be 'tensorboard', 'wandb' or 'none', got {config.report_to!r}.")
-    if not any((config.max_steps, config.max_tokens, config.max_time)):
-        raise ValueError("Give at least one of `max_steps`, `max_tokens` or `max_time`, or training never ends.")
+    if config.time_budget is not None:
+        parse_duration(config.time_budget)  # "2 hours" fails here, naming the forms it takes
+    if not any((config.max_steps, config.max_tokens, config.max_time, config.time_budget)):
+        raise ValueError("Give at least one of `max_steps`, `max_tokens`, `max_time` or `time_budget`, "
+                         "or training never ends.")
     for name in ("seq_len", "batch_size", "batch_tokens"):
-        if not isinstance(getattr(config, name), int) or getattr(config, name) <= 0:
-            raise ValueError(f"`{name}` must be a positive integer, got {getattr(config, name)!r}.")
+        value = getattr(config, name)
+        if not (name == "batch_size" and value == "auto") and (not isinstance(value, int) or value <= 0):
+            raise ValueError(f"`{name}` must be a positive integer{' or auto' * (name == 'batch_size')}, got {value!r}.")
+    if config.activation_checkpointing not in (True, False, "auto"):
+        raise ValueError(f"`activation_checkpointing` must be true, false or auto, got {config.activation_checkpointing!r}.")
     if not 0.0 <= config.cooldown_fraction <= 1.0:
         raise ValueError(f"`cooldown_fraction` must be in [0, 1], got {config.cooldown_fraction!r}.")
     from .multiple_choice import check_training_settings

@@ -4,9 +4,14 @@
     accelerate launch -m training.pretrain --preset gpt2-small   # one or more GPUs
     torchrun --nproc_per_node 2 -m training.pretrain ...   # data parallel, CPU (gloo) or GPU
 
-Reads top to bottom: `train` = `set_up` (processes -> run folder -> prepared data (training/prepare.py)
--> model -> optimizers -> resume) -> warm-up of the compiled model -> `train_loop` (schedule, one
-`train_step` (training/step.py), log, evaluate, checkpoint) -> `finish` (final evaluation, export).
+Reads top to bottom: `train` = `set_up` (processes -> run folder -> tokenizer -> the plan fitted to the
+machine and the time (training/plan.py) -> the data it needs (training/prepare.py) -> model ->
+optimizers -> resume) -> warm-up of the compiled model -> `train_loop` (schedule, one `train_step`
+(training/step.py), log, evaluate, checkpoint) -> `finish` (final evaluation, export).
+
+`--time_budget 2h` bounds the whole command (training/budget.py): the plan sizes the data and the
+model (`--preset auto`, training/ladder.py) to it, and the schedule follows the clock, so that the
+cool-down and the model folder come in time.
 
 The recipe, each part a setting in training/config.py and measured in benchmarks/pretrain_recipe.py:
 - Muon for the hidden weight matrices, AdamW for embedding, head and vectors (Keller Jordan's
@@ -37,7 +42,9 @@ import torch
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM, run_folder
 from iterative_llm.tokenization import check_tokenizer_matches_model, token_byte_lengths
 
+from . import ladder
 from .batches import RandomWindowBatches
+from .budget import TimeBudget, format_seconds, parse_duration, process_start_time
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 # build_parser: every stage module has one (`iterative-llm train`'s lives in config.py).
 from .config import TrainConfig, build_parser, parse_args, scalar_settings, write_run_config  # noqa: F401
@@ -45,9 +52,11 @@ from .evaluate import evaluate, flops_per_token, hardware, peak_flops, sample
 from .export import export_model_folder
 from .guards import LearningCheck, TrainingError, check_loss_finite, check_model_settings, check_resume_settings
 from .multiple_choice import hellaswag_in_run
+from .plan import Device, Plan, choose_precision, fit_run, measure_encode_rate, tokenizer_chars
 from .optim import apply_lr, apply_muon_momentum, build_optimizers, lr_multiplier, muon_momentum
 from .prepare import ShardSettingsError, prepare_shards, tokenizer_for
 from .shards import MANIFEST, ShardedDataset
+from .sources import iter_documents
 from .step import compile_model, eagerly, to_model_inputs, train_step, warm_up_compiled
 from .versions import package_versions
 
@@ -60,6 +69,7 @@ _KEEP_UNTIL_EXIT: list = []
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = process_start_time()  # a --time_budget counts from here: the user's stopwatch started then
     try:
         config = parse_args(argv)
     except (ValueError, FileNotFoundError) as err:
@@ -67,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     code = 1
     try:
-        train(config)
+        train(config, started=started)
         code = 0
     except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"iterative-llm train: {err}", file=sys.stderr)
@@ -90,16 +100,19 @@ def _several_processes() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def train(config: TrainConfig, model_factory=None) -> dict:
+def train(config: TrainConfig, model_factory=None, started: float | None = None) -> dict:
     """Run (or resume) one training run; returns the summary written to OUT/summary.json.
 
     `model_factory(model_config)`, if given, builds the model to train instead of
     IterativeLLMForCausalLM (benchmarks put a GPT-2 baseline through the same pipeline this way).
+    `started` (time.monotonic) is when the command started, which a --time_budget counts from; now if None.
     """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # checkpoint writes would each draw a bar inside the training bar
-    run = set_up(config, model_factory)
+    budget = TimeBudget(parse_duration(config.time_budget) if config.time_budget else None, started=started)
+    with budget.phase("prepare"):
+        run = set_up(config, model_factory, budget)
 
     # torch.compile does its work on the first forward and backward (about 100 s for gpt2-small
     # compiled whole, on an H100): a forward and backward on the first batch, its gradients thrown
@@ -113,7 +126,8 @@ def train(config: TrainConfig, model_factory=None) -> dict:
         run.compile_seconds = time.perf_counter() - start
         run.say(f"compiled in {run.compile_seconds:.1f} s" + (f"; {check}" if check else ""))
 
-    stopped_by = train_loop(run)
+    with budget.phase("train"):
+        stopped_by = train_loop(run)
     if stopped_by is not None:
         run.say(f"Stopped by {stopped_by} at step {run.state['step']}. "
                 f"Continue with: iterative-llm train --out {run.out} --resume")
@@ -145,6 +159,8 @@ class Run:
     loss_kwargs: dict  # what the model's forward needs to return the loss alone
     state: dict  # step, tokens, time: what a checkpoint saves and a resume continues from
     say: Callable[[str], None]  # prints on the main process only
+    budget: TimeBudget  # the command's clock: its deadline under --time_budget, and each phase's seconds
+    plan: Plan  # what the run was fitted to, and why
     compile_seconds: float = 0.0
     first_loss: float | None = None
     byte_lengths: torch.Tensor = field(init=False)
@@ -154,12 +170,18 @@ class Run:
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.device = self.accelerator.device
         self.byte_lengths = torch.from_numpy(token_byte_lengths(self.tokenizer).astype("int64"))
+        self.time_at_start = self.state["time"]  # a resumed run's earlier training is not this command's
 
     def progress(self) -> float:
-        """The fraction of the budget done: the first of max_steps, max_tokens and max_time to be reached."""
+        """The fraction of the budget done: the first of max_steps, max_tokens, max_time and the time
+        budget to be reached. The time budget's part reads the clock: whatever has taken longer than
+        planned since the start of training leaves less of it, and the cool-down comes earlier."""
         c, s = self.config, self.state
         parts = [s["step"] / c.max_steps if c.max_steps else 0.0, s["tokens"] / c.max_tokens if c.max_tokens else 0.0,
                  s["time"] / c.max_time if c.max_time else 0.0]
+        if self.budget.seconds is not None:
+            spent = s["time"] - self.time_at_start
+            parts.append(spent / max(self.budget.training_seconds(spent), 1e-9))
         return min(1.0, max(parts))
 
     def step_inputs(self, micro: int, step: int) -> dict:
@@ -172,6 +194,7 @@ class Run:
 
     def evaluate(self) -> dict:
         c = self.config
+        start = time.perf_counter()
         with eagerly(c.compile):
             result = evaluate(
                 self.raw_model, self.val_split, self.byte_lengths, batch_size=c.batch_size, seq_len=c.seq_len,
@@ -183,6 +206,9 @@ class Run:
                                            rank=self.rank, world_size=self.world_size))
         self.log_row({"kind": "eval", "step": self.state["step"], "tokens": self.state["tokens"],
                       "time": round(self.state["time"], 3), **result})
+        # An evaluation measured replaces the planned estimate of the final one (they read the same
+        # tokens), so that training keeps the time the end really needs.
+        self.budget.measured_evaluation(time.perf_counter() - start)
         if c.report_to != "none":
             self.accelerator.log(result, step=self.state["step"])
         return result
@@ -211,21 +237,21 @@ class Run:
 # ---------------------------------------------------------------------- set-up
 
 
-def set_up(config: TrainConfig, model_factory=None) -> Run:
-    """Processes, the run folder, the prepared data, the model, its optimizers and (with --resume) the
-    state to continue from: everything the loop needs, or an error before anything is trained."""
+def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = None) -> Run:
+    """Processes, the run folder, the plan and the data it needs, the model, its optimizers and (with
+    --resume) the state to continue from: everything the loop needs, or an error before anything is trained."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    precision = config.precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    budget = budget or TimeBudget(None)
+    machine = Device.this_machine()
+    precision = choose_precision(machine, config.precision).value  # the plan says why
     out = Path(config.out)
     accelerator = Accelerator(
         # Several processes without GPUs (torchrun on a CPU machine): accelerate needs to be told
         # to use CPU data parallelism (gloo); otherwise each process trains alone.
         cpu=not torch.cuda.is_available() and _several_processes(),
-        mixed_precision="bf16" if precision == "bf16" else "no",
+        mixed_precision=precision if precision in ("bf16", "fp16") else "no",
         log_with=None if config.report_to == "none" else config.report_to,
         project_dir=str(out),
     )
@@ -244,8 +270,11 @@ def set_up(config: TrainConfig, model_factory=None) -> Run:
             f"The run folder {out} already holds checkpoints. Pass --resume to continue that run, or choose "
             f"another --out (nothing was overwritten)."
         )
-    check_model_settings(config)  # before anything is written
-    tokenizer, train_split, val_split = _prepared_data(config, accelerator, out, say)
+    if config.model_preset != "auto":
+        check_model_settings(config)  # before anything is written (--preset auto's size is the plan's)
+    plan, tokenizer, train_split, val_split = _planned_data(config, accelerator, out, say, machine, budget)
+    config = plan.config  # nothing left on "auto"
+    budget.eval_tokens = min(config.eval_tokens or val_split.num_tokens, val_split.num_tokens)
 
     model_config, raw_model = _build_model(config, tokenizer, device, model_factory)
     say(f"model: {config.model_preset} preset, {raw_model.num_parameters():,} parameters, precision {precision}")
@@ -299,13 +328,15 @@ def set_up(config: TrainConfig, model_factory=None) -> Run:
         # Our model computes the loss chunk by chunk without keeping the (B, T, V) logits
         # (`skip_logits`); a baseline model from `model_factory` gets the plain call.
         loss_kwargs={"skip_logits": True} if isinstance(raw_model, IterativeLLMForCausalLM) else {},
-        state=state, say=say,
+        state=state, say=say, budget=budget, plan=plan,
     )
 
 
-def _prepared_data(config: TrainConfig, accelerator, out: Path, say):
-    """The tokenizer and the train and validation token shards (training/prepare.py makes them once,
-    on the main process, and reuses them after). A start that fails here removes the folders it made."""
+def _planned_data(config: TrainConfig, accelerator, out: Path, say, machine: Device, budget: TimeBudget):
+    """The tokenizer, the plan (training/plan.py: fitted to the machine, and under --time_budget the
+    model size and the tokens to prepare), and the train and validation token shards (training/prepare.py
+    makes them on the main process, tokenising what the plan asks for, and reuses or extends them
+    after). A start that fails here removes the folders it made."""
     main_process = accelerator.is_main_process
     data_dir = Path(config.data_cache) if config.data_cache else out / run_folder.DATA
     created = [path for path in (out, data_dir) if not path.exists()]
@@ -313,20 +344,24 @@ def _prepared_data(config: TrainConfig, accelerator, out: Path, say):
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     def the_tokenizer():
-        vocab_size = config.model.get("vocab_size") or IterativeLLMConfig.from_preset(config.model_preset).vocab_size
+        size_preset = ladder.BASE_PRESET if config.model_preset == "auto" else config.model_preset
+        vocab_size = config.model.get("vocab_size") or IterativeLLMConfig.from_preset(size_preset).vocab_size
         return tokenizer_for(
             config.data, data_dir, tokenizer=config.tokenizer, vocab_size=vocab_size,
-            text_column=config.text_column, doc_separator=config.doc_separator,
-            max_documents=config.max_documents, train_chars=config.tokenizer_train_chars, say=say,
+            text_column=config.text_column, doc_separator=config.doc_separator, max_documents=config.max_documents,
+            train_chars=tokenizer_chars(budget.seconds, config.tokenizer_train_chars), say=say,
         )
 
     try:
         if main_process:
             tokenizer = the_tokenizer()  # trained and saved in the data folder if it has none
-            _prepare_shards(config, tokenizer, data_dir, out)
         accelerator.wait_for_everyone()
         if not main_process:
             tokenizer = the_tokenizer()  # the main process's, saved by now
+        plan = _the_plan(config, accelerator, machine, budget, tokenizer, say)
+        if main_process:
+            _prepare_shards(plan.config, tokenizer, data_dir, out, max_tokens=plan.tokens_to_prepare)
+        accelerator.wait_for_everyone()
     except BaseException:
         if main_process:
             _remove_created(created, say)
@@ -335,15 +370,41 @@ def _prepared_data(config: TrainConfig, accelerator, out: Path, say):
     train_split, val_split = dataset.split("train"), dataset.split("val")
     say(f"data: {train_split.num_tokens:,} training tokens in {train_split.num_documents:,} documents, "
         f"{val_split.num_tokens:,} validation tokens ({data_dir})")
-    return tokenizer, train_split, val_split
+    return plan, tokenizer, train_split, val_split
 
 
-def _prepare_shards(config: TrainConfig, tokenizer, data_dir: Path, out: Path) -> None:
+def _the_plan(config: TrainConfig, accelerator, machine: Device, budget: TimeBudget, tokenizer, say) -> Plan:
+    """The plan, made on the main process (its speed probes are timed there) and sent to the others,
+    so that every process trains the same model with the same settings; printed before the data is
+    tokenised. Without a budget or anything on "auto", it only records the device's decisions."""
+    plan = None
+    if accelerator.is_main_process:
+        if budget.seconds is not None:
+            say(f"--time_budget {format_seconds(budget.seconds)}: planning ({format_seconds(budget.elapsed())} "
+                "gone on starting up and the tokenizer)")
+        encode_rate = None
+        if budget.seconds is not None:
+            encode_rate = measure_encode_rate(tokenizer, iter_documents(
+                config.data, text_column=config.text_column, doc_separator=config.doc_separator,
+                max_documents=config.max_documents), chars=min(1_000_000, tokenizer_chars(budget.seconds, 10**9)))
+        plan = fit_run(config, device=machine, torch_device=accelerator.device, budget=budget,
+                       world_size=accelerator.num_processes, encode_rate=encode_rate, say=say)
+        say("plan:\n" + "\n".join(plan.lines(budget, machine, torch.get_num_threads())))
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        plan = broadcast_object_list([plan])[0]
+        if plan.end_parts:
+            budget.end_parts, budget.eval_tokens = dict(plan.end_parts), plan.config.eval_tokens
+    return plan
+
+
+def _prepare_shards(config: TrainConfig, tokenizer, data_dir: Path, out: Path, max_tokens: int | None = None) -> None:
     try:
         prepare_shards(
             config.data, tokenizer, data_dir, text_column=config.text_column, doc_separator=config.doc_separator,
             val_source=config.val_data, val_fraction=config.val_fraction, max_documents=config.max_documents,
-            progress=config.progress,
+            max_tokens=max_tokens, progress=config.progress,
         )
     except ShardSettingsError as err:
         made_from = err.manifest.get("paths", {}).get("source")
@@ -409,11 +470,13 @@ def train_loop(run: Run) -> str | None:
                 accumulation=run.accumulation, grad_clip=config.grad_clip, loss_kwargs=run.loss_kwargs, clip=clip,
                 # Gradients are averaged across processes only on the last micro-step.
                 no_sync=(lambda: accelerator.no_sync(run.model)) if run.world_size > 1 else None,
+                scaler=accelerator.scaler,  # fp16 only: None otherwise
             )
             log.add(step_loss)
             if run.device.type == "cuda" and (state["step"] + 1) % config.log_every == 0:
                 torch.cuda.synchronize()  # so the step times below are real, not queued work
             elapsed = time.perf_counter() - step_start
+            run.budget.first_step_done()
             state["step"] += 1
             state["tokens"] += run.tokens_per_step
             state["time"] += elapsed
@@ -427,7 +490,7 @@ def train_loop(run: Run) -> str | None:
             if bar is not None:
                 bar.update(1)
 
-            if due(config.eval_every) and not last_step:
+            if due(config.eval_every) and not last_step and run.budget.evaluation_fits():
                 result = run.evaluate()
                 run.say(f"step {state['step']}: val loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits per byte")
             if due(config.sample_every) and not last_step:
@@ -471,6 +534,7 @@ class _TrainingLog:
         mfu = self.flops_per_token * tokens_per_second / (self.peak_flops * run.world_size) if self.peak_flops else None
         run.log_row({"kind": "train", "step": state["step"], "tokens": state["tokens"], "time": round(state["time"], 3),
                      "loss": mean_loss, "lr": multiplier, "tokens_per_second": tokens_per_second, "mfu": mfu})
+        run.budget.measured_training_speed(tokens_per_second)
         if run.config.report_to != "none":
             run.accelerator.log({"train_loss": mean_loss, "lr_multiplier": multiplier,
                                  "tokens_per_second": tokens_per_second}, step=state["step"])
@@ -489,12 +553,13 @@ class _TrainingLog:
 
 def finish(run: Run) -> dict:
     """The final evaluation and samples, a last checkpoint, and the model folder with its summary."""
-    state = run.state
-    result = run.evaluate()
-    run.say(f"final: step {state['step']}, {state['tokens']:,} tokens, {state['time']:.1f} s of training, "
-            f"val loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits per byte")
-    run.samples()
-    run.checkpoint("end of training")
+    state, budget = run.state, run.budget
+    with budget.phase("final_eval"):
+        result = run.evaluate()
+        run.say(f"final: step {state['step']}, {state['tokens']:,} tokens, {state['time']:.1f} s of training, "
+                f"val loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits per byte")
+        run.samples()
+        run.checkpoint("end of training")
     config = run.config
     summary = {
         "steps": state["step"], "tokens": state["tokens"], "time": round(state["time"], 3),
@@ -504,10 +569,23 @@ def finish(run: Run) -> dict:
         "processes": run.world_size, "precision": run.precision, "hardware": hardware(run.device, run.world_size),
         "compile": config.compile, "compile_seconds": round(run.compile_seconds, 3),
         "first_loss": run.first_loss,
+        # Data sized to the run: what was tokenised for training, and what training read of it.
+        "tokens_prepared": run.train_split.num_tokens, "tokens_trained": state["tokens"],
+        "seconds_to_first_step": None if budget.first_step_at is None else round(budget.first_step_at, 3),
+        "plan": {"precision": run.plan.precision.reason, "micro_batch": run.plan.micro_batch.value,
+                 "micro_batch_why": run.plan.micro_batch.reason, "model": run.plan.model, "depth": run.plan.depth,
+                 "tokens_per_second_probed": run.plan.tokens_per_second,
+                 "ladder": [vars(c) for c in run.plan.ladder] if run.plan.ladder else None},
     }
     if run.main_process:
-        export_model_folder(run.out, run.raw_model, run.tokenizer, summary)
-        run.say(f"model folder: {run.out} (load it with AutoModelForCausalLM.from_pretrained({str(run.out)!r}))")
+        with budget.phase("export"):
+            # The export's own seconds cannot be in the summary it writes: it is written again after.
+            export_model_folder(run.out, run.raw_model, run.tokenizer, {**summary, "phases": budget.summary()})
+        summary["phases"] = budget.summary()
+        (run.out / run_folder.SUMMARY).write_text(json.dumps(summary, indent=2))
+        run.say(f"model folder: {run.out} (load it with AutoModelForCausalLM.from_pretrained({str(run.out)!r}))"
+                + (f"; the whole command took {format_seconds(budget.elapsed())} of its "
+                   f"{format_seconds(budget.seconds)}" if budget.seconds is not None else ""))
     _end_processes(run.accelerator)
     return summary
 

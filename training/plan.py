@@ -1,0 +1,423 @@
+"""The run fitted to the machine: device, precision, micro-batch, memory, each decision with its reason.
+
+    machine = Device.this_machine()                   what this process trains on (CUDA, MPS or CPU)
+    choose_precision(machine, "auto")                 bf16 where native, fp16 + loss scaling on older
+                                                      CUDA cards, fp32 on CPU; an explicit choice wins
+    estimate_micro_batch(machine, model_config, ...)  the largest micro-batch the memory should hold
+    largest_micro_batch_that_runs(try_step, start)    that estimate checked on the device, halved on
+                                                      out-of-memory (accelerate's find_executable_batch_size)
+    probe_tokens_per_second(model_config, ...)        a few real training steps on random tokens
+
+Every decision is a `Decision(value, reason)`, so that the plan a run prints says what it chose and
+why. Decisions take a `Device`, not torch's global state, so that tests can ask what an 8 GB card
+without bf16 would get (tests/test_plan.py, and the README's table of common cards).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .budget import EVAL_SPEED_OVER_TRAINING
+
+GIB = 1024**3
+# Bytes of state per parameter while training: fp32 weights (4), their gradients (4), and the
+# optimizers' state, at most AdamW's two moments (8); Muon keeps one momentum buffer (4).
+STATE_BYTES_PER_PARAMETER = 16
+# Activations kept for the backward pass, per token and layer, in units of the hidden size: about
+# 34 bytes x hidden per token and layer in 16-bit for a GPT block with fused attention (Korthikanti
+# et al. 2022, "Reducing activation recomputation", without the attention-score term that
+# flash/SDPA attention does not store), so 17 values; our ReLU^2 MLP keeps about 2 more.
+ACTIVATION_VALUES_PER_TOKEN_AND_LAYER = 19
+# The share of a card's memory the plan fills: the rest is the CUDA context, the allocator's
+# fragmentation and the evaluation's buffers.
+USABLE_MEMORY = 0.8
+# The largest micro-batch the plan tries, in sequences: beyond it a step gains nothing on any card.
+MAX_MICRO_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Device:
+    """What a run trains on: kind ("cuda", "mps", "cpu"), a name, the accelerator's memory in bytes
+    (None on a CPU: host memory is not what limits a CPU run) and whether bf16 arithmetic is native."""
+
+    kind: str
+    name: str
+    memory_bytes: int | None
+    bf16: bool
+
+    @classmethod
+    def this_machine(cls) -> "Device":
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            return cls("cuda", props.name, props.total_memory, torch.cuda.is_bf16_supported())
+        if torch.backends.mps.is_available():
+            # MPS shares the Mac's memory; bfloat16 arrived with macOS 14.
+            import psutil
+
+            bf16 = bool(getattr(torch.backends.mps, "is_macos_or_newer", lambda *a: False)(14, 0))
+            return cls("mps", "Apple GPU (MPS)", psutil.virtual_memory().total, bf16)
+        capability = torch.backends.cpu.get_cpu_capability()
+        return cls("cpu", f"CPU ({capability})", None, False)
+
+    def describe(self) -> str:
+        memory = f", {self.memory_bytes / GIB:.0f} GiB" if self.memory_bytes else ""
+        return f"{self.name}{memory}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    value: Any
+    reason: str
+
+
+def choose_precision(device: Device, asked: str) -> Decision:
+    """bf16 where the device computes it natively, fp16 with loss scaling on a CUDA card without bf16
+    (GTX 10xx, RTX 20xx, T4, V100), fp32 on a CPU; `asked` other than "auto" is taken as it is."""
+    if asked != "auto":
+        if asked == "bf16" and device.kind == "cuda" and not device.bf16:
+            raise ValueError(f"--precision bf16: {device.name} has no bfloat16 arithmetic. "
+                             "Use --precision fp16 (loss-scaled) or auto.")
+        return Decision(asked, "as asked (--precision)")
+    if device.kind == "cpu":
+        return Decision("fp32", "a CPU trains in float32 (autocast's casts cost more than they save there)")
+    if device.bf16:
+        return Decision("bf16", f"native bfloat16 on {device.name}")
+    if device.kind == "cuda":
+        return Decision("fp16", f"{device.name} has no bfloat16: float16 autocast with loss scaling")
+    return Decision("fp32", f"{device.name} has no bfloat16 before macOS 14")
+
+
+def memory_for_training(model_config, parameters: int, micro_batch: int, seq_len: int, precision: str,
+                        activation_checkpointing: bool) -> int:
+    """Bytes a training step of `micro_batch` sequences needs: weights, gradients and optimizer
+    state, and the activations the backward pass keeps (only each block's input under activation
+    checkpointing, plus one block's worth while it is recomputed)."""
+    value_bytes = 4 if precision == "fp32" else 2
+    layers, hidden = model_config.num_hidden_layers, model_config.hidden_size
+    tokens = micro_batch * seq_len
+    per_layer = ACTIVATION_VALUES_PER_TOKEN_AND_LAYER * hidden * value_bytes * tokens
+    if activation_checkpointing:
+        activations = layers * hidden * value_bytes * tokens + per_layer
+    else:
+        activations = layers * per_layer
+    # The loss is computed in chunks without the (B, T, V) logits (skip_logits): one chunk of
+    # 1024 rows of fp32 logits and their gradient.
+    loss_chunk = 2 * 1024 * model_config.vocab_size * 4
+    return parameters * STATE_BYTES_PER_PARAMETER + activations + loss_chunk
+
+
+def estimate_micro_batch(device: Device, model_config, parameters: int, *, seq_len: int, batch_tokens: int,
+                         precision: str, preset_batch: int) -> tuple[Decision, Decision]:
+    """(micro-batch, activation checkpointing): the largest power of two that the memory model says
+    fits in USABLE_MEMORY of the device, no larger than one optimizer step's tokens; activation
+    checkpointing only when even one sequence does not fit without it. On a CPU: the preset's."""
+    step_sequences = max(1, batch_tokens // seq_len)
+    if device.memory_bytes is None:
+        return (Decision(min(preset_batch, step_sequences), "the preset's: on a CPU memory is not the limit"),
+                Decision(False, "not needed on a CPU"))
+    usable = device.memory_bytes * USABLE_MEMORY
+    for checkpointing in (False, True):
+        fits = [b for b in _powers_of_two(min(MAX_MICRO_BATCH, step_sequences))
+                if memory_for_training(model_config, parameters, b, seq_len, precision, checkpointing) <= usable]
+        if fits:
+            need = memory_for_training(model_config, parameters, fits[-1], seq_len, precision, checkpointing)
+            why = (f"about {need / GIB:.1f} GiB of {device.memory_bytes / GIB:.0f} GiB"
+                   + (", the most one step's tokens take" if fits[-1] == _powers_of_two(min(MAX_MICRO_BATCH, step_sequences))[-1] else ""))
+            return (Decision(fits[-1], why),
+                    Decision(checkpointing, "one sequence does not fit without it" if checkpointing
+                             else "not needed: the micro-batch fits"))
+    need = memory_for_training(model_config, parameters, 1, seq_len, precision, True)
+    raise ValueError(f"the model does not fit on {device.describe()}: even one sequence with activation "
+                     f"checkpointing needs about {need / GIB:.1f} GiB. Choose a smaller model (--preset auto, "
+                     "--model.num_hidden_layers) or a shorter --seq_len.")
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    return [2**k for k in range(int(math.log2(max(1, limit))) + 1)]
+
+
+def largest_micro_batch_that_runs(try_step: Callable[[int], Any], start: int) -> int:
+    """The first of start, start/2, start/4, ... for which `try_step(micro_batch)` runs without running
+    out of memory (accelerate's find_executable_batch_size, halving so the step's tokens still divide).
+    A ValueError when even one sequence does not fit."""
+    from accelerate.utils import find_executable_batch_size
+
+    tried = [start]
+
+    def halve() -> int:
+        tried.append(tried[-1] // 2)
+        return tried[-1]
+
+    @find_executable_batch_size(starting_batch_size=start, reduce_batch_size_fn=halve)
+    def run(micro_batch: int) -> int:
+        try_step(micro_batch)
+        return micro_batch
+
+    try:
+        return run()
+    except RuntimeError as err:
+        if "No executable batch size" not in str(err):
+            raise
+        raise ValueError(f"out of memory at every micro-batch from {start} down to 1 sequence") from None
+
+
+def probe_tokens_per_second(model_config, *, device: torch.device, precision: str, micro_batch: int, seq_len: int,
+                            accumulation: int, optimizer_settings: dict, steps: int = 2,
+                            activation_checkpointing: bool = False) -> float:
+    """Training tokens per second of a model of `model_config` on this machine: one warm-up step, then
+    `steps` timed real optimizer steps (forward, backward, Muon and AdamW) on random tokens. The model
+    is thrown away; what it measures is the speed of the run to plan."""
+    from iterative_llm import IterativeLLMForCausalLM
+
+    from .optim import build_optimizers
+    from .step import train_step
+
+    generator = torch.Generator().manual_seed(0)
+    model = IterativeLLMForCausalLM(model_config).to(device)
+    if activation_checkpointing:
+        model.activation_checkpointing_enable()
+    model.train()
+    optimizers = build_optimizers(model, **optimizer_settings)
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16))
+                if precision in ("bf16", "fp16") else None)
+
+    def micro_batches():
+        for _ in range(accumulation):
+            ids = torch.randint(0, model_config.vocab_size, (micro_batch, seq_len + 1), generator=generator).to(device)
+            yield {"input_ids": ids[:, :-1], "labels": ids[:, :-1], "shift_labels": ids[:, 1:]}
+
+    def step() -> None:
+        loss = train_step(model, optimizers, micro_batches(), accumulation=accumulation, grad_clip=1.0,
+                          loss_kwargs={"skip_logits": True}, autocast=autocast)
+        float(loss)  # wait for the device
+
+    step()  # kernels chosen, buffers allocated, optimizer state made: not what a run's steps cost
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = time.perf_counter() - start
+    return steps * accumulation * micro_batch * seq_len / seconds
+
+
+# ---------------------------------------------------------------------- the plan of one run
+
+# What the plan assumes where it cannot measure before training, each on the safe side of what was
+# measured on 2 cores of an AMD EPYC (benchmarks/results/ladder_cpu.md): the tokenizer learns from
+# about 2.2M characters/s (1M assumed), a small model writes about 300 tokens/s when sampling (100
+# assumed), and a checkpoint and a model folder are written at 200 MB/s or more.
+TOKENIZER_CHARS_PER_SECOND = 1_000_000
+TOKENIZER_SHARE_OF_BUDGET = 0.02
+SAMPLED_TOKENS_PER_SECOND = 100
+WRITE_BYTES_PER_SECOND = 200e6
+# Tokens prepared beyond what the probed speed says training will use: the probe is the run's best
+# speed, and a run that runs out of new text only repeats some.
+DATA_MARGIN = 1.1
+# The CPU micro-batch when the preset leaves it to the plan: 16 x 256 tokens keeps 2-16 cores busy
+# without making one micro-step slow.
+CPU_MICRO_BATCH = 16
+
+
+def tokenizer_chars(budget_seconds: float | None, asked: int) -> int:
+    """Characters the tokenizer learns from: `asked`, but under a budget no more than it can learn
+    in TOKENIZER_SHARE_OF_BUDGET of it (a 10-minute budget: 12M characters, plenty for a 4096-token BPE)."""
+    if budget_seconds is None:
+        return asked
+    return int(min(asked, TOKENIZER_SHARE_OF_BUDGET * budget_seconds * TOKENIZER_CHARS_PER_SECOND))
+
+
+def measure_encode_rate(tokenizer, documents, chars: int = 1_000_000) -> float:
+    """Tokens per second the tokenizer encodes the first `chars` characters of `documents` at: the
+    speed the shards will be written at (the text is read before the clock starts)."""
+    from iterative_llm.tokenization import plain_text_encoder
+
+    texts, seen = [], 0
+    for text in documents:
+        texts.append(text[: chars - seen])
+        seen += len(texts[-1])
+        if seen >= chars:
+            break
+    encoder = plain_text_encoder(tokenizer)
+    encoder.encode_batch_fast(texts[:1], add_special_tokens=False)  # its thread pool starts here, untimed
+    start = time.perf_counter()
+    tokens = sum(len(e.ids) for e in encoder.encode_batch_fast(texts, add_special_tokens=False))
+    return tokens / max(time.perf_counter() - start, 1e-6)
+
+
+def end_reserve(config, parameters: int, tokens_per_second: float, training_seconds: float) -> dict:
+    """Seconds to keep for the end of the run, as TimeBudget.end_parts: the final evaluation (the
+    validation split, or `eval_tokens` of it), and the rest: samples, the last checkpoint, the model
+    folder and a safety margin of 1% of the training time (at least 3 s) for what no estimate sees."""
+    eval_tokens = config.eval_tokens or config.val_fraction * tokens_per_second * training_seconds
+    evaluation = eval_tokens / (EVAL_SPEED_OVER_TRAINING * tokens_per_second)
+    samples = len(config.sample_prompts) * config.sample_tokens / SAMPLED_TOKENS_PER_SECOND
+    writes = parameters * (STATE_BYTES_PER_PARAMETER + 4) / WRITE_BYTES_PER_SECOND + 1.0
+    return {"evaluation": evaluation, "rest": samples + writes + max(3.0, 0.01 * training_seconds)}
+
+
+@dataclass
+class Plan:
+    """What a run was fitted to: its settings with nothing left on "auto", and why."""
+
+    config: Any  # TrainConfig
+    precision: Decision
+    micro_batch: Decision
+    activation_checkpointing: Decision
+    tokens_per_second: float | None = None
+    training_seconds: float | None = None
+    tokens_to_prepare: int | None = None  # per source, boundary tokens and the validation share included
+    ladder: list = None  # the ladder sizes probed by --preset auto
+    model: str = ""
+    depth: int | None = None  # the ladder depth --preset auto chose
+    end_parts: dict = None  # TimeBudget.end_parts as planned
+
+    def lines(self, budget, device: Device, threads: int) -> list[str]:
+        from .budget import format_seconds
+
+        c = self.config
+        rows = [("device", f"{device.describe()}, {threads} torch threads"),
+                ("precision", f"{self.precision.value}: {self.precision.reason}"),
+                ("model", self.model),
+                ("micro-batch", f"{self.micro_batch.value} x {c.seq_len} tokens ({self.micro_batch.reason}); "
+                                f"{c.batch_tokens:,} tokens a step by accumulation"),
+                ("checkpointing", f"{'on' if self.activation_checkpointing.value else 'off'}: "
+                                  f"{self.activation_checkpointing.reason}")]
+        if self.tokens_per_second:
+            rows.append(("speed", f"{self.tokens_per_second:,.0f} training tokens/s (probed)"))
+        if self.tokens_to_prepare:
+            rows.append(("data", f"tokenise up to {self.tokens_to_prepare:,} tokens of {c.data}"
+                                 f" ({DATA_MARGIN}x what the training time takes at that speed)"))
+        if budget.seconds is not None and self.training_seconds is not None:
+            rows.append(("train", f"{format_seconds(self.training_seconds)}, the cool-down over its last "
+                                  f"{c.cooldown_fraction:.0%}; re-planned at every step from the clock"))
+            rows.append(("end", f"final evaluation, samples, checkpoint and export: "
+                                f"{format_seconds(budget.end_reserve)} kept"))
+        width = max(len(name) for name, _ in rows)
+        return [f"  {name.ljust(width)}  {text}" for name, text in rows]
+
+
+def fit_run(config, *, device: Device, torch_device: torch.device, budget, world_size: int,
+            encode_rate: float | None, say) -> Plan:
+    """The run's plan: precision, model size (--preset auto), micro-batch, the speed probe, and under
+    a time budget the training time and the tokens to prepare. `config` values other than "auto"
+    are the user's (or the preset's) and are kept as they are."""
+    import dataclasses
+
+    from iterative_llm import IterativeLLMConfig
+
+    from . import ladder
+    from .budget import format_seconds
+
+    precision = choose_precision(device, config.precision)
+    timed = budget.seconds is not None
+    auto_size = config.model_preset == "auto"
+    if auto_size and not timed:
+        raise ValueError("--preset auto chooses the model size for the time the run has: give it a --time_budget "
+                         "(2h, 90m, ...).")
+    step_tokens = config.batch_tokens
+
+    def model_of(fields: dict):
+        return IterativeLLMConfig.from_preset(ladder.BASE_PRESET if auto_size else config.model_preset, **fields)
+
+    def fitted(fields: dict) -> tuple[Decision, Decision, int]:
+        model_config = model_of(fields)
+        params = ladder.parameters(fields) if auto_size else ladder.parameters_of(model_config)
+        if config.batch_size == "auto":
+            preset = CPU_MICRO_BATCH
+            batch, checkpointing = estimate_micro_batch(device, model_config, params, seq_len=config.seq_len,
+                                                        batch_tokens=step_tokens, precision=precision.value,
+                                                        preset_batch=preset)
+        else:
+            batch = Decision(config.batch_size, "as asked (--batch_size)" if config.batch_size else "")
+            checkpointing = Decision(False, "not needed")
+        if config.activation_checkpointing != "auto":
+            checkpointing = Decision(bool(config.activation_checkpointing), "as asked (--activation_checkpointing)")
+        return batch, checkpointing, params
+
+    def probe(fields: dict, lrs: dict, batch: Decision, checkpointing: Decision) -> tuple[float, Decision]:
+        """Tokens/s of this size, all processes together; on an accelerator the micro-batch that ran."""
+        rates = {}
+
+        def try_step(micro_batch: int) -> None:
+            accumulation = max(1, round(step_tokens / (micro_batch * config.seq_len * world_size)))
+            settings = dict(optimizer=config.optimizer, lr_matrix=lrs.get("lr_matrix", config.lr_matrix),
+                            lr_embed=lrs.get("lr_embed", config.lr_embed), lr_head=lrs.get("lr_head", config.lr_head),
+                            lr_scalar=config.lr_scalar, adamw_lr=config.adamw_lr, weight_decay=config.weight_decay)
+            rates[micro_batch] = world_size * probe_tokens_per_second(
+                model_of(fields), device=torch_device, precision=precision.value, micro_batch=micro_batch,
+                seq_len=config.seq_len, accumulation=min(accumulation, 2), optimizer_settings=settings,
+                steps=2 if device.kind == "cpu" else 3, activation_checkpointing=checkpointing.value)
+
+        if device.kind == "cpu" or config.batch_size != "auto":
+            try_step(batch.value)
+            return rates[batch.value], batch
+        ran = largest_micro_batch_that_runs(try_step, batch.value)
+        if ran != batch.value:
+            batch = Decision(ran, f"{batch.value} ran out of memory on the device; halved until it ran")
+        return rates[ran], batch
+
+    def training_seconds(rate: float, params: int) -> float:
+        """The training time T left once the data is tokenised and the end is kept for: tokenising
+        the DATA_MARGIN * rate * T tokens that T trains on takes that over the encoding rate, so
+        T = (left - reserve) / (1 + DATA_MARGIN * rate / encode_rate)."""
+        left = budget.left()
+        reserve = sum(end_reserve(config, params, rate, left).values())
+        return max(0.0, left - reserve) / (1 + (DATA_MARGIN * rate / encode_rate if encode_rate else 0.0))
+
+    fields, lrs, ladder_rows, rate = dict(config.model), {}, None, None
+    if auto_size:
+        seq_len, vocab = config.seq_len, config.model.get("vocab_size") or IterativeLLMConfig.from_preset(ladder.BASE_PRESET).vocab_size
+        say(f"--preset auto: probing the speed of ladder sizes on this machine ...")
+        decided = {}
+
+        def rate_of(depth: int) -> float:
+            sized = {**ladder.ladder_config(depth, vocab_size=vocab, seq_len=seq_len), **config.model}
+            batch, checkpointing, params = fitted(sized)
+            r, batch = probe(sized, ladder.learning_rates(depth), batch, checkpointing)
+            decided[depth] = (batch, checkpointing, params)
+            say(f"  depth {depth}: {ladder.WIDTH_PER_DEPTH * depth} wide, {params:,} parameters, {r:,.0f} tokens/s")
+            return r
+
+        def seconds_at(depth_rate: float) -> float:
+            return training_seconds(depth_rate, 0)
+
+        chosen, ladder_rows = ladder.choose_depth(rate_of, seconds_at,
+                                                  model_fields=lambda d: ladder.ladder_config(d, vocab_size=vocab,
+                                                                                              seq_len=seq_len))
+        fields = {**ladder.ladder_config(chosen.depth, vocab_size=vocab, seq_len=seq_len), **config.model}
+        lrs = ladder.learning_rates(chosen.depth)
+        batch, checkpointing, params = decided[chosen.depth]
+        rate = chosen.tokens_per_second
+        model = (f"auto: depth {chosen.depth} ({chosen.depth} x {ladder.WIDTH_PER_DEPTH * chosen.depth}, "
+                 f"{params:,} parameters): {chosen.tokens_per_parameter:.1f} tokens per parameter in the time, "
+                 f"the largest of {len(ladder_rows)} probed that reaches {ladder.TOKENS_PER_PARAMETER:g}")
+        preset_name = ladder.BASE_PRESET
+    else:
+        batch, checkpointing, params = fitted(fields)
+        if timed or (config.batch_size == "auto" and device.kind != "cpu"):
+            rate, batch = probe(fields, {}, batch, checkpointing)
+        model = f"{config.model_preset} preset, {params:,} parameters"
+        preset_name = config.model_preset
+
+    resolved = dataclasses.replace(
+        config, model_preset=preset_name, model=fields, **lrs, precision=precision.value,
+        batch_size=batch.value, activation_checkpointing=checkpointing.value)
+    plan = Plan(resolved, precision, batch, checkpointing, tokens_per_second=rate, ladder=ladder_rows, model=model,
+                depth=chosen.depth if auto_size else None)
+    if timed:
+        plan.training_seconds = training_seconds(rate, params)
+        budget.end_parts = plan.end_parts = end_reserve(resolved, params, rate, plan.training_seconds)
+        budget.eval_tokens = resolved.eval_tokens
+        tokens = DATA_MARGIN * rate * plan.training_seconds
+        limits = [tokens] + [limit for limit in (resolved.max_tokens,
+                  resolved.max_steps * step_tokens if resolved.max_steps else None) if limit]
+        share_kept = 1.0 if resolved.val_data else 1.0 - resolved.val_fraction
+        plan.tokens_to_prepare = max(step_tokens, int(min(limits) / share_kept))
+        if plan.training_seconds < 0.2 * budget.seconds:
+            say(f"warning: the budget leaves {format_seconds(plan.training_seconds)} of training after "
+                f"preparing the data and keeping time for the end; a longer --time_budget trains a better model")
+    return plan
