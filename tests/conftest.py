@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import signal
 import subprocess
+import tempfile
 
 import pytest
 import torch
@@ -12,6 +14,12 @@ import torch
 # Tests never touch the network: the hub is unreachable in CI, and a test must not wait on it.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# torch.compile's kernel cache does not key its CPU kernels on ATEN_CPU_CAPABILITY: kernels built while
+# the suite ran held at AVX2 (as the README says to check) crashed a later run without the limit on
+# the same machine ("corrupted double-linked list" in a compiled forward). Each limit gets its own cache.
+if os.environ.get("ATEN_CPU_CAPABILITY"):
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY'].lower()}"))
 # Under pytest-xdist each worker gets one thread: two workers with two OpenMP threads each
 # oversubscribe 2 cores, and a tiny training step then runs tens of times slower. The environment
 # variable too: training chooses its threads (training/machine.py) and reads OMP_NUM_THREADS first,
