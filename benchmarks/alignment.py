@@ -68,6 +68,7 @@ def stage_argv(config: str, model: str, data: Path, output_dir: Path, args, extr
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from training import dpo, sft
+    from training.machine import cpu_description
 
     data_dir = Path(args.data_dir)
     out = Path(args.out or f"{str(args.model).rstrip('/')}-alignment")
@@ -96,6 +97,7 @@ def main(argv=None) -> dict:
         "sft": sft_figures, "dpo": dpo_figures, "seconds": time.time() - start,
         "sft_eval_max_new_tokens": sft_args[0].eval_max_new_tokens,
         "sft_eval_repetition_penalty": sft_args[0].eval_repetition_penalty,
+        "cpu": cpu_description(),  # the machine beside its seconds (the CPU does the tokenising either way)
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
@@ -107,7 +109,7 @@ def main(argv=None) -> dict:
 
 def results_table(results: dict, sft_name: str) -> str:
     sft, dpo = results["sft"], results["dpo"]
-    rows = [f"| model | {results['model']} |", "| --- | --- |"]
+    rows = [f"| model | {results['model']} |", "| --- | --- |", f"| CPU | {results.get('cpu', 'not recorded')} |"]
     if sft["before"]:
         b, a = sft["before"], sft["after"]
         rows.append(f"| SFT ({sft_name}): held-out loss on replies, before -> after | "

@@ -48,6 +48,7 @@ from benchmarks.pretrain_recipe import gpt2_factory  # noqa: E402
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM, run_folder  # noqa: E402
 from training.config import build_config, load_preset  # noqa: E402
 from training.evaluate import flops_per_token, peak_flops  # noqa: E402
+from training.machine import cpu_description  # noqa: E402
 from training.optim import build_optimizers  # noqa: E402
 from training.pretrain import train  # noqa: E402
 from training.step import compile_model, to_model_inputs, train_step  # noqa: E402
@@ -310,7 +311,7 @@ def main(argv=None) -> int:
         torch.set_float32_matmul_precision("high")
         hardware = torch.cuda.get_device_name(device)
     else:
-        hardware = f"CPU ({torch.get_num_threads()} threads)"
+        hardware = cpu_description()
     say(f"gpu_check on {hardware}, torch {torch.__version__}, {'small' if small else 'full'} settings, work folder {work}")
     plan = settings(small)
     began = time.perf_counter()

@@ -21,6 +21,11 @@ source (torch/optim/_muon.py):
   its "match_rms_adamw" (0.2 sqrt(max(rows, cols)), Moonshot's) has no counterpart here.
   Weight decay is decoupled and uses the unscaled lr in both; torch's default is 0.1, ours 0.
 
+Since issue 18 (an AVX2 CPU multiplies bfloat16 matrices 10-20x slower than float32), training
+uses torch.optim.Muon where bf16 is native and `Float32Muon` (training/optim.py: torch's update,
+orthogonalised in float32) elsewhere; both parts below include it. On an AVX2 machine the quality
+part's "torch" runs are Float32Muon's, since training picks it there.
+
 Parts:
   equivalence  a few steps on random matrices, same gradients, settings mapped (lr, momentum,
                nesterov, weight decay, "original" lr adjustment): the largest relative
@@ -39,6 +44,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import os
 import statistics
 import subprocess
 import sys
@@ -87,6 +93,11 @@ class TorchMuonInFloat32(torch.optim.Muon):
 
 def make(impl: str, params, lr: float, momentum: float, weight_decay: float):
     """One Muon with the settings mapped so that both compute the same update."""
+    if impl == "Float32Muon":  # training's Muon where bf16 is not native (training/optim.py, issue 18)
+        from training.optim import Float32Muon
+
+        return Float32Muon(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay,
+                           adjust_lr_fn="original")
     if impl == "torch-fp32":
         return TorchMuonInFloat32(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay,
                                   adjust_lr_fn="original")
@@ -104,15 +115,15 @@ def equivalence(steps: int = 3) -> None:
     print("max relative difference of the parameter change of each step, |d_ours - d_torch|_F / |d_torch|_F;"
           " in brackets the largest elementwise |d_ours - d_torch| / max |d_torch|\n")
     print("| shape | weight decay | ours-bf16 vs torch | ours-fp32 vs torch | ours-bf16 vs ours-fp32 |"
-          " ours-fp32 vs torch-fp32 |")
-    print("|---|---|---|---|---|---|")
+          " ours-fp32 vs torch-fp32 | Float32Muon vs torch-fp32 | Float32Muon vs torch |")
+    print("|---|---|---|---|---|---|---|---|")
     for shape in shapes:
         for wd in (0.0, 0.1):
             gen = torch.Generator().manual_seed(0)
             start = torch.randn(shape, generator=gen) * 0.02
             grads = [torch.randn(shape, generator=gen) for _ in range(steps)]
             deltas = {}
-            for impl in ("torch", "ours-bf16", "ours-fp32", "torch-fp32"):
+            for impl in ("torch", "ours-bf16", "ours-fp32", "torch-fp32", "Float32Muon"):
                 p = torch.nn.Parameter(start.clone())
                 opt = make(impl, [p], lr=0.02, momentum=0.95, weight_decay=wd)
                 deltas[impl] = []
@@ -128,15 +139,16 @@ def equivalence(steps: int = 3) -> None:
                 return f"{frob:.2e} ({elem:.2e})"
 
             print(f"| {shape[0]}x{shape[1]} | {wd} | {diff('ours-bf16', 'torch')} | {diff('ours-fp32', 'torch')} | "
-                  f"{diff('ours-bf16', 'ours-fp32')} | {diff('ours-fp32', 'torch-fp32')} |")
+                  f"{diff('ours-bf16', 'ours-fp32')} | {diff('ours-fp32', 'torch-fp32')} | "
+                  f"{diff('Float32Muon', 'torch-fp32')} | {diff('Float32Muon', 'torch')} |")
 
 
 def speed(presets: list[str], repeats: dict[str, int]) -> None:
     print(f"\n## Optimiser step time, CPU, {torch.get_num_threads()} thread(s), random gradients, median of the steps"
           " after one warm-up step\n")
-    print("| preset | matrices | ours-fp32 (CPU default) ms | ours-bf16 ms | torch (bf16) ms | torch / ours-fp32 |"
-          " torch / ours-bf16 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| preset | matrices | ours-fp32 (CPU default) ms | ours-bf16 ms | torch (bf16) ms | Float32Muon ms |"
+          " torch / ours-fp32 | torch / ours-bf16 | torch / Float32Muon |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in presets:
         torch.manual_seed(0)
         model = IterativeLLMForCausalLM(IterativeLLMConfig.from_preset(name))
@@ -145,7 +157,7 @@ def speed(presets: list[str], repeats: dict[str, int]) -> None:
         del muon
         grads = [torch.randn_like(p) for p in matrices]
         times = {}
-        for impl in ("ours-fp32", "ours-bf16", "torch"):
+        for impl in ("ours-fp32", "ours-bf16", "torch", "Float32Muon"):
             opt = make(impl, matrices, lr=0.02, momentum=0.95, weight_decay=0.0)
             for p, g in zip(matrices, grads):
                 p.grad = g
@@ -158,8 +170,9 @@ def speed(presets: list[str], repeats: dict[str, int]) -> None:
             opt.state.clear()
         shapes = sorted({tuple(p.shape) for p in matrices})
         print(f"| {name} | {len(matrices)} in {len(shapes)} shapes | {times['ours-fp32']:.1f} | "
-              f"{times['ours-bf16']:.1f} | {times['torch']:.1f} | {times['torch'] / times['ours-fp32']:.2f} | "
-              f"{times['torch'] / times['ours-bf16']:.2f} |", flush=True)
+              f"{times['ours-bf16']:.1f} | {times['torch']:.1f} | {times['Float32Muon']:.1f} | "
+              f"{times['torch'] / times['ours-fp32']:.2f} | {times['torch'] / times['ours-bf16']:.2f} | "
+              f"{times['torch'] / times['Float32Muon']:.2f} |", flush=True)
 
 
 def quality(data_dir: Path, work: Path, seeds: list[int], max_tokens: int) -> None:
@@ -218,8 +231,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=950_000)
     args = parser.parse_args()
 
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the quality part's training reads it (training/machine.py)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    from training.machine import cpu_description, fast_matmul_dtype
+
+    print(f"torch {torch.__version__}; CPU: {cpu_description()}; training's Muon here: "
+          f"{'torch.optim.Muon (bf16)' if fast_matmul_dtype('cpu') == torch.bfloat16 else 'Float32Muon'}")
     if "equivalence" in args.parts:
         equivalence()
     if "speed" in args.parts:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from iterative_llm import run_folder  # noqa: E402
 from training.config import build_config, load_preset, merge  # noqa: E402
+from training.machine import choose_threads, cpu_description  # noqa: E402
 from training.pretrain import train  # noqa: E402
 
 
@@ -85,7 +87,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batch-tokens", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: as training chooses, OMP_NUM_THREADS or one per physical core)")
     parser.add_argument("--baseline-lrs", default="1e-3,2e-3,4e-3", help="AdamW learning rates tried for GPT-2")
     parser.add_argument("--budget", type=float, default=0, help="also run `iterative-llm train --max_time` with a "
                         "wall-clock budget of this many seconds for the whole command (0: skip)")
@@ -94,8 +97,10 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[], help="extra field=value for our recipe")
     args = parser.parse_args()
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads:  # training reads it (training/machine.py), and so does the budget run's process
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    torch.set_num_threads(choose_threads(args.threads)[0])
+    print(f"CPU: {cpu_description()}, torch {torch.__version__}", flush=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="recipe-"))
     work.mkdir(parents=True, exist_ok=True)
     data, val, _ = (split_shakespeare if args.dataset == "shakespeare" else books)(Path(args.data_dir), work)
@@ -113,7 +118,8 @@ def main() -> None:
 
         ours_fields = merge(ours_fields, {key: yaml.safe_load(raw)}, "--override")
 
-    results = {"dataset": args.dataset, "steps": args.steps, "threads": torch.get_num_threads(), "runs": {}}
+    results = {"dataset": args.dataset, "steps": args.steps, "threads": torch.get_num_threads(),
+               "cpu": cpu_description(), "runs": {}}
     runs = [("ours", ours_fields, None)]
     for lr in args.baseline_lrs.split(","):
         runs.append((f"gpt2-adamw-lr{lr}", merge(common, {"optimizer": "adamw", "schedule": "cosine", "adamw_lr": float(lr),

@@ -63,6 +63,7 @@ from transformers.generation import CompileConfig  # noqa: E402
 from benchmarks.pretrain_recipe import gpt2_factory  # noqa: E402
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM  # noqa: E402
 from training.evaluate import flops_per_token, peak_flops  # noqa: E402
+from training.machine import choose_threads, cpu_description  # noqa: E402
 from training.optim import build_optimizers  # noqa: E402
 from training.step import compile_model as pretrain_compile  # noqa: E402
 from training.step import to_model_inputs, train_step  # noqa: E402
@@ -355,7 +356,8 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-generation", action="store_true")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: as training chooses, OMP_NUM_THREADS or one per physical core)")
     parser.add_argument("--json", default=None, help="also write the figures here")
     parser.add_argument("--quiet", action="store_true", help="print only the table")
     args = parser.parse_args(argv)
@@ -381,8 +383,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(choose_threads(args.threads)[0])  # as `iterative-llm train` would
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for whatever stays in fp32, both models alike
     contestants = build_contestants(args, device)
@@ -392,7 +393,7 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name(device)
     else:
-        hardware = f"CPU, {torch.get_num_threads()} threads"
+        hardware = cpu_description()
     say(args, f"{args.preset} (vocab {vocab}) on {hardware}: ours {ours.model.num_parameters():,} parameters, "
               f"gpt2 {gpt2.model.num_parameters():,}")
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import signal
 import subprocess
+import tempfile
 
 import pytest
 import torch
@@ -12,12 +14,37 @@ import torch
 # Tests never touch the network: the hub is unreachable in CI, and a test must not wait on it.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# torch.compile's kernel cache does not key its CPU kernels on ATEN_CPU_CAPABILITY: kernels built while
+# the suite ran held at AVX2 (as the README says to check) crashed a later run without the limit on
+# the same machine ("corrupted double-linked list" in a compiled forward). Each limit gets its own cache.
+if os.environ.get("ATEN_CPU_CAPABILITY"):
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY'].lower()}"))
 # Under pytest-xdist each worker gets one thread: two workers with two OpenMP threads each
-# oversubscribe 2 cores, and a tiny training step then runs tens of times slower.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+# oversubscribe 2 cores, and a tiny training step then runs tens of times slower. The environment
+# variable too: training chooses its threads (training/machine.py) and reads OMP_NUM_THREADS first,
+# and child processes inherit it.
+_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+torch.set_num_threads(_THREADS)
 
 import iterative_llm  # noqa: E402  (registers the Auto classes)
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM  # noqa: E402
+
+
+def assert_close_in_bf16(actual: torch.Tensor, expected: torch.Tensor, ulps: float = 2) -> None:
+    """`actual` equals `expected` within `ulps` units in the last place of bfloat16 at the tensors' scale.
+
+    bfloat16 keeps 8 bits of mantissa (eps 2**-7). Two kernels that add the same products in another
+    order (sdpa against eager, a padded batch against a packed one, AVX-512 against AVX2) round
+    differently at every step, by up to half a unit of the intermediate values' own size, and those
+    roundings carry through the network: the outputs then differ by about a unit at the scale of
+    the outputs, not at the scale of 1.0 (measured: 0.0195 on logits up to 2.63 on an AVX2 CPU,
+    0.95 units; 0 on AVX-512). A real fault (a leaked pad token, a wrong position) moves logits by
+    tens of units."""
+    scale = float(expected.detach().float().abs().max())
+    tolerance = ulps * torch.finfo(torch.bfloat16).eps * max(scale, 1.0)
+    torch.testing.assert_close(actual.float(), expected.float(), atol=tolerance, rtol=0)
 
 
 def tiny_config(**overrides) -> IterativeLLMConfig:

@@ -5,6 +5,7 @@ blocks of nn.Linear + a norm with a 1-D weight, a head, get_input/output_embeddi
 tests do not depend on the real model file.
 """
 
+import copy
 import io
 import math
 
@@ -12,7 +13,9 @@ import pytest
 import torch
 from torch import nn
 
+from training import machine
 from training.optim import (
+    Float32Muon,
     apply_lr,
     apply_muon_momentum,
     build_optimizers,
@@ -119,6 +122,78 @@ def test_muon_weight_decay_is_decoupled_and_off_by_default():
 
 
 # ---------------------------------------------------------------------------------------------
+# Muon's precision: bfloat16 (torch.optim.Muon) where the machine multiplies it natively, else float32
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.optim.Muon), (False, Float32Muon)],
+                         ids=["native-bf16", "avx2"])
+def test_muon_orthogonalises_in_the_precision_the_machine_is_fast_at(monkeypatch, native, expected):
+    monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: native)
+    assert type(build_optimizers(TinyLM())[0]) is expected
+    # Asked for explicitly, whatever the machine.
+    assert type(build_optimizers(TinyLM(), newton_schulz_dtype=torch.bfloat16)[0]) is torch.optim.Muon
+    assert type(build_optimizers(TinyLM(), newton_schulz_dtype=torch.float32)[0]) is Float32Muon
+
+
+def muon_updates(make, start, grads, weight_decay):
+    p = nn.Parameter(start.clone())
+    opt = make([p], lr=0.02, momentum=0.95, nesterov=True, weight_decay=weight_decay, adjust_lr_fn="original")
+    updates = []
+    for g in grads:
+        before = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        updates.append(p.detach() - before)
+    return updates, opt
+
+
+def relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("shape", [(64, 16), (16, 64), (96, 96)])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_float32_muon_gives_torch_muons_update(shape, weight_decay):
+    from benchmarks.muon_vs_torch import TorchMuonInFloat32  # torch's Muon with its bf16 cast made a no-op
+
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(shape, generator=gen) * 0.02
+    grads = [torch.randn(shape, generator=gen) for _ in range(3)]
+    ours, _ = muon_updates(Float32Muon, start, grads, weight_decay)
+    as_shipped, _ = muon_updates(torch.optim.Muon, start, grads, weight_decay)
+    same_formula, _ = muon_updates(TorchMuonInFloat32, start, grads, weight_decay)
+    for mine, theirs, theirs_fp32 in zip(ours, as_shipped, same_formula):
+        # The same formula in the same precision: float32 rounding apart (measured ~2e-6).
+        assert relative(mine, theirs_fp32) < 1e-4
+        # Against torch's bfloat16 Newton-Schulz: bf16's rounding apart (measured ~1.1%), while a
+        # wrong momentum, lr scale or orientation would be off by tens of per cent.
+        assert relative(mine, theirs) < 0.03
+
+
+def test_a_muon_checkpoint_moves_between_the_two_precisions():
+    """A run checkpointed on a machine with native bf16 resumes on an AVX2 one, and back: the
+    momentum each keeps is the other's (a fresh buffer instead would change the update's direction)."""
+    gen = torch.Generator().manual_seed(1)
+    start = torch.randn(48, 32, generator=gen) * 0.02
+    grads = [torch.randn(48, 32, generator=gen) for _ in range(3)]
+    for source_class, target_class in ((torch.optim.Muon, Float32Muon), (Float32Muon, torch.optim.Muon)):
+        _, source = muon_updates(source_class, start, grads[:2], 0.0)
+        resumed_from = source.param_groups[0]["params"][0].detach().clone()
+        target = target_class([nn.Parameter(resumed_from)], lr=0.02, momentum=0.95, nesterov=True,
+                              weight_decay=0.0, adjust_lr_fn="original")
+        target.load_state_dict(copy.deepcopy(source.state_dict()))  # a copy, as a checkpoint file is
+        assert relative(step_once(target, grads[2]), step_once(source, grads[2])) < 0.03
+
+
+def step_once(opt, grad):
+    p = opt.param_groups[0]["params"][0]
+    before = p.detach().clone()
+    p.grad = grad.clone()
+    opt.step()
+    return p.detach() - before
+
+
+# ---------------------------------------------------------------------------------------------
 # Parameter groups
 
 
@@ -130,7 +205,9 @@ def group_of(optimizers):
             assert group["initial_lr"] == group["lr"]
             for p in group["params"]:
                 assert id(p) not in where
-                where[id(p)] = (type(opt).__name__, group["name"])
+                # torch's Muon or our Float32Muon, whichever this machine's precision picks
+                kind = "Muon" if isinstance(opt, torch.optim.Muon) else type(opt).__name__
+                where[id(p)] = (kind, group["name"])
     return where
 
 
@@ -141,7 +218,8 @@ def test_muon_grouping_by_module_type(tie):
     where = group_of(optimizers)
     params = list(model.parameters())  # the tied tensor once
     assert len(where) == len(params) == (10 if tie else 11)
-    assert [type(o) for o in optimizers] == [torch.optim.Muon, torch.optim.AdamW]
+    assert [type(o) for o in optimizers][1:] == [torch.optim.AdamW]
+    assert isinstance(optimizers[0], torch.optim.Muon)
     for block in model.blocks:
         assert where[id(block.up.weight)] == ("Muon", "matrix")
         assert where[id(block.down.weight)] == ("Muon", "matrix")

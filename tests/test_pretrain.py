@@ -154,6 +154,22 @@ def test_batch_tokens_become_gradient_accumulation(tmp_path, text_dir):
     torch.testing.assert_close(torch.tensor(losses(one)), torch.tensor(losses(two)), rtol=1e-4, atol=1e-4)
 
 
+def test_a_run_takes_its_threads_and_muon_precision_from_the_machine(tmp_path, text_dir, monkeypatch, capsys):
+    from training import machine
+
+    monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: False)  # as on an AVX2 CPU
+    before = torch.get_num_threads()
+    try:
+        summary = train(build_config(settings(text_dir, tmp_path / "run", max_steps=2, eval_every=0, threads=2)))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    said = capsys.readouterr().out
+    assert "optimizers Float32Muon + AdamW" in said  # Newton-Schulz in float32, not emulated bf16
+    assert f"CPU: {machine.cpu_name()}" in said and "threads: --threads" in said
+    assert machine.cpu_name() in summary["hardware"] and "no native bf16" in summary["hardware"]
+
+
 @pytest.mark.slow
 def test_two_data_parallel_processes_match_one_process(tmp_path, text_dir):
     """torchrun --nproc_per_node 2 (gloo, CPU) with 2 rows each == 1 process with 4 rows."""

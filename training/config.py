@@ -100,6 +100,7 @@ class TrainConfig:
     activation_checkpointing: bool | str = setting(
         "auto", "recompute activations in the backward pass to save memory; auto = when one sequence does not fit")
     dataloader_pin_memory: bool = setting(True, "pin batches in page-locked memory for faster GPU copies")
+    threads: int | None = setting(None, "torch threads per process; none = OMP_NUM_THREADS if set, else one per physical core")
 
     # -- evaluation, logging, checkpoints
     eval_every: int = setting(200, "steps between evaluations; 0 = only at the end")
@@ -132,7 +133,7 @@ SECTIONS = (
 RESUME_MAY_CHANGE = (
     "out", "resume", "max_steps", "max_tokens", "max_time", "time_budget", "eval_every", "eval_tokens", "sample_every",
     "sample_prompts", "sample_tokens", "log_every", "checkpoint_every", "keep_checkpoints", "report_to",
-    "progress", "dataloader_pin_memory", "compile", "compile_check", "activation_checkpointing", "stop_if_not_learning",
+    "progress", "dataloader_pin_memory", "threads", "compile", "compile_check", "activation_checkpointing", "stop_if_not_learning",
     "hellaswag", "hellaswag_every", "hellaswag_limit",
 )
 

@@ -8,13 +8,13 @@ and it compares with character-level figures on ASCII text (one byte per charact
 from __future__ import annotations
 
 import math
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
 from .batches import iter_eval_batches
+from .machine import cpu_description
 from .shards import TokenSplit
 
 
@@ -132,7 +132,7 @@ def hardware(device: torch.device, world_size: int) -> str:
     """What a run ran on, in words, for its summary and model card."""
     if device.type == "cuda":
         return f"{world_size} x {torch.cuda.get_device_name(device)}"
-    return f"{world_size} x CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return f"{world_size} x {cpu_description()}"
 
 
 def peak_flops(device: torch.device) -> float | None:

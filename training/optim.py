@@ -9,7 +9,8 @@ What is here, top to bottom:
   networks", 2024, https://kellerjordan.github.io/posts/muon/); it set most of the
   modded-nanogpt speedrun records and is nanochat's optimiser for the transformer matrices.
   We use torch's, `torch.optim.Muon`: our own, batched by shape, was no better side by side
-  (benchmarks/results/muon_vs_torch.md).
+  (benchmarks/results/muon_vs_torch.md), wherever its bfloat16 Newton-Schulz is fast; on a device
+  without native bfloat16 matrix products (an AVX2 CPU) `Float32Muon` does the same in float32.
 - `lr_multiplier` / `apply_lr`: warmup by steps, then warmup-stable-decay (the speedrun's
   trapezoid) or cosine over the fraction of the budget done.
 - `muon_momentum`: modded-nanogpt's momentum warmup for Muon.
@@ -28,8 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .machine import fast_matmul_dtype
+
 __all__ = [
     "build_optimizers",
+    "Float32Muon",
     "lr_multiplier",
     "apply_lr",
     "muon_momentum",
@@ -59,6 +63,7 @@ def build_optimizers(
     adamw_betas: tuple[float, float] = (0.9, 0.95),
     adamw_weight_decay: float = 0.1,
     fused: bool | None = None,
+    newton_schulz_dtype: torch.dtype | None = None,
 ) -> list[torch.optim.Optimizer]:
     """Build the optimisers for `model`; step all of them after each backward pass.
 
@@ -99,6 +104,9 @@ def build_optimizers(
       adamw_lr 6e-4, adamw_betas (0.9, 0.95), adamw_weight_decay 0.1: GPT-3 Small's values as
       used by nanoGPT for GPT-2 124M, so the baseline is the well-tuned one, not a strawman.
       fused None: use the fused AdamW kernel when every parameter is on CUDA.
+      newton_schulz_dtype None: the precision the matrices' device multiplies fast in
+      (training/machine.py): bfloat16 gives torch.optim.Muon (its Newton-Schulz is bf16),
+      float32 gives `Float32Muon`, the same update orthogonalised in float32.
     """
     if optimizer not in OPTIMIZER_CHOICES:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZER_CHOICES}")
@@ -144,8 +152,11 @@ def build_optimizers(
             # Under data parallelism the gradients are averaged before step(), so every rank
             # computes the same update; nanochat and modded-nanogpt shard the Newton-Schulz work
             # across ranks instead, which saves time at 8 GPUs, not at one.
+            if newton_schulz_dtype is None:
+                newton_schulz_dtype = fast_matmul_dtype(groups["matrix"][0].device)
+            muon_class = {torch.bfloat16: torch.optim.Muon, torch.float32: Float32Muon}[newton_schulz_dtype]
             optimizers.append(
-                torch.optim.Muon(
+                muon_class(
                     [dict(name="matrix", params=groups["matrix"])], lr=lr_matrix, momentum=0.95,
                     nesterov=True, weight_decay=weight_decay, adjust_lr_fn="original",
                 )
@@ -218,6 +229,74 @@ def _check_each_param_once(
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
     if missing or len(seen) != len(trainable):
         raise RuntimeError(f"parameters left out of every optimizer group: {missing}")
+
+
+class Float32Muon(torch.optim.Muon):
+    """torch.optim.Muon with its Newton-Schulz iteration in float32 instead of bfloat16.
+
+    torch's Muon casts every update to bfloat16 before orthogonalising it, the right choice where
+    bfloat16 matrix products are native (GPUs from Ampere on, CPUs with AVX-512 BF16 or AMX). An AVX2
+    CPU emulates them: 11 to 20 times slower than float32, so on such a machine torch's Muon step was
+    a quarter of the tiny preset's training step (issue 18). This class takes the same settings, keeps
+    the same state (a "momentum_buffer" per matrix, so checkpoints move between the two), and applies
+    the same update, in float32: `tests/test_optim.py` checks that the two agree within bf16 rounding.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buffer = state["momentum_buffer"]
+                # torch's momentum: an average of the gradients (lerp), Nesterov looking one step ahead.
+                buffer.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay, at the unscaled lr
+                p.add_(update.to(p.dtype), alpha=-lr * _muon_lr_scale(group["adjust_lr_fn"], p.shape))
+        return loss
+
+
+def newton_schulz(
+    matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Orthogonalise `matrix` (rows, cols) by `steps` quintic Newton-Schulz iterations in `dtype`.
+
+    Keller Jordan's iteration (the Muon post): scale to spectral norm <= 1 (the Frobenius norm bounds
+    it), then X <- a X + (b A + c A^2) X with A = X X^T, on the wide orientation so that A is the
+    smaller Gram matrix. The coefficients push singular values towards 1 fast without converging
+    exactly (they end between about 0.7 and 1.2), which the post finds does not hurt training.
+    """
+    x = matrix.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.mT
+    x = x / x.norm().clamp(min=eps)
+    a, b, c = coefficients
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+def _muon_lr_scale(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's lr adjustment for a (rows, cols) matrix; see build_optimizers for "original"."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn in (None, "original"):
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":  # Moonshot's "Muon is Scalable for LLM Training" (2025)
+        return 0.2 * math.sqrt(max(rows, cols))
+    raise ValueError(f"unknown adjust_lr_fn {adjust_lr_fn!r}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from .config import TrainConfig, build_parser, parse_args, scalar_settings, writ
 from .evaluate import evaluate, flops_per_token, hardware, peak_flops, sample
 from .export import export_model_folder
 from .guards import LearningCheck, TrainingError, check_loss_finite, check_model_settings, check_resume_settings
+from .machine import choose_threads, cpu_description
 from .multiple_choice import hellaswag_in_run
 from .plan import Device, Plan, choose_precision, fit_run, measure_encode_rate, tokenizer_chars
 from .optim import apply_lr, apply_muon_momentum, build_optimizers, lr_multiplier, muon_momentum
@@ -257,6 +258,12 @@ def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = 
     )
     main_process, world_size, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
     say = (lambda message: print(message, flush=True)) if main_process else (lambda message: None)
+    # torch's own default counts logical CPUs on some builds: two threads on the two hardware threads
+    # of one core fight over its vector units. One per physical core, shared by this machine's processes.
+    threads, why = choose_threads(config.threads, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(threads)
+    if device.type == "cpu":
+        say(f"CPU: {cpu_description(threads)}; threads: {why}")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for whatever stays in float32 (bf16 autocast covers the rest)
     set_seed(config.seed)
@@ -277,12 +284,13 @@ def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = 
     budget.eval_tokens = min(config.eval_tokens or val_split.num_tokens, val_split.num_tokens)
 
     model_config, raw_model = _build_model(config, tokenizer, device, model_factory)
-    say(f"model: {config.model_preset} preset, {raw_model.num_parameters():,} parameters, precision {precision}")
     optimizers = build_optimizers(
         raw_model, optimizer=config.optimizer, lr_matrix=config.lr_matrix, lr_embed=config.lr_embed,
         lr_head=config.lr_head, lr_scalar=config.lr_scalar, adamw_lr=config.adamw_lr,
         weight_decay=config.weight_decay,
     )
+    say(f"model: {config.model_preset} preset, {raw_model.num_parameters():,} parameters, precision {precision}, "
+        f"optimizers {' + '.join(type(o).__name__ for o in optimizers)}")
     tokens_per_micro_step = config.batch_size * config.seq_len * world_size
     accumulation = max(1, round(config.batch_tokens / tokens_per_micro_step))
     tokens_per_step = accumulation * tokens_per_micro_step
