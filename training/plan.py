@@ -61,8 +61,9 @@ class Device:
 
             bf16 = bool(getattr(torch.backends.mps, "is_macos_or_newer", lambda *a: False)(14, 0))
             return cls("mps", "Apple GPU (MPS)", psutil.virtual_memory().total, bf16)
-        capability = torch.backends.cpu.get_cpu_capability()
-        return cls("cpu", f"CPU ({capability})", None, False)
+        from .machine import cpu_has_native_bf16, cpu_name
+
+        return cls("cpu", cpu_name(), None, cpu_has_native_bf16())
 
     def describe(self) -> str:
         memory = f", {self.memory_bytes / GIB:.0f} GiB" if self.memory_bytes else ""
@@ -279,7 +280,13 @@ class Plan:
         from .budget import format_seconds
 
         c = self.config
-        rows = [("device", f"{device.describe()}, {threads} torch threads"),
+        if device.kind == "cpu":
+            from .machine import cpu_description
+
+            where = cpu_description(threads)
+        else:
+            where = device.describe()
+        rows = [("device", where),
                 ("precision", f"{self.precision.value}: {self.precision.reason}"),
                 ("model", self.model),
                 ("micro-batch", f"{self.micro_batch.value} x {c.seq_len} tokens ({self.micro_batch.reason}); "
