@@ -332,3 +332,37 @@ def test_fp16_loss_scaling_steps_as_plain_training_does():
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     assert torch.allclose(one_step(None), one_step(scaler), atol=1e-5)
     assert scaler.get_scale() == 1024.0  # no overflow: the scale stays
+
+
+# ---------------------------------------------------------------------- 5. the README's table
+
+COMMON_CARDS = [  # (card, memory in GB as sold, native bf16)
+    ("RTX 3060 Ti / 4060 Ti", 8, True), ("RTX 2080 / GTX 1080", 8, False), ("RTX 3060 / 4070", 12, True),
+    ("T4", 16, False), ("RTX 3090 / 4090", 24, True), ("A100 / H100", 80, True),
+]
+
+
+def card_table() -> list[str]:
+    """What the plan chooses for the gpt2-small preset on common cards (the README shows these rows)."""
+    from iterative_llm import IterativeLLMConfig
+
+    gpt2 = IterativeLLMConfig.from_preset("gpt2-small")
+    params = ladder.parameters_of(gpt2)
+    rows = ["| card | memory | precision | micro-batch | accumulation | activation checkpointing | memory planned |",
+            "|---|---|---|---|---|---|---|"]
+    for name, gb, bf16 in COMMON_CARDS:
+        card = Device("cuda", name, gb * 10**9, bf16)
+        precision = choose_precision(card, "auto").value
+        batch, checkpointing = estimate_micro_batch(card, gpt2, params, seq_len=1024, batch_tokens=524_288,
+                                                    precision=precision, preset_batch=32)
+        need = memory_for_training(gpt2, params, batch.value, 1024, precision, checkpointing.value)
+        rows.append(f"| {name} | {gb} GB | {precision} | {batch.value} x 1024 | {524_288 // (batch.value * 1024)} "
+                    f"| {'on' if checkpointing.value else 'off'} | {need / GIB:.1f} GiB |")
+    return rows
+
+
+def test_the_readme_shows_what_the_plan_chooses_on_common_cards():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = card_table()
+    missing = [row for row in rows if row not in readme]
+    assert not missing, "README.md's table of common cards differs from the plan's decisions:\n" + "\n".join(rows)

@@ -28,11 +28,12 @@ GIB = 1024**3
 # Bytes of state per parameter while training: fp32 weights (4), their gradients (4), and the
 # optimizers' state, at most AdamW's two moments (8); Muon keeps one momentum buffer (4).
 STATE_BYTES_PER_PARAMETER = 16
-# Activations kept for the backward pass, per token and layer, in units of the hidden size: about
-# 34 bytes x hidden per token and layer in 16-bit for a GPT block with fused attention (Korthikanti
-# et al. 2022, "Reducing activation recomputation", without the attention-score term that
-# flash/SDPA attention does not store), so 17 values; our ReLU^2 MLP keeps about 2 more.
-ACTIVATION_VALUES_PER_TOKEN_AND_LAYER = 19
+# Activations kept for the backward pass, per token and layer, in units of the hidden size. A GPT
+# block with fused attention keeps about 17 (34 bytes x hidden in 16-bit: Korthikanti et al. 2022,
+# "Reducing activation recomputation", without the attention scores flash/SDPA does not store);
+# ours measured 25: gpt2-small at 32 x 1024 in bf16 peaked at 15.99 GiB on an H200
+# (benchmarks/results/gpu_check_h200.md), 1.9 GiB of it weights and optimizer state.
+ACTIVATION_VALUES_PER_TOKEN_AND_LAYER = 25
 # The share of a card's memory the plan fills: the rest is the CUDA context, the allocator's
 # fragmentation and the evaluation's buffers.
 USABLE_MEMORY = 0.8

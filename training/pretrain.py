@@ -171,7 +171,9 @@ class Run:
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.device = self.accelerator.device
         self.byte_lengths = torch.from_numpy(token_byte_lengths(self.tokenizer).astype("int64"))
-        self.time_at_start = self.state["time"]  # a resumed run's earlier training is not this command's
+        # A resumed run's earlier training is not this command's.
+        self.time_at_start, self.tokens_at_start = self.state["time"], self.state["tokens"]
+        self._budget_done = 0.0  # the time budget's fraction done so far: it never goes back
 
     def progress(self) -> float:
         """The fraction of the budget done: the first of max_steps, max_tokens, max_time and the time
@@ -181,8 +183,11 @@ class Run:
         parts = [s["step"] / c.max_steps if c.max_steps else 0.0, s["tokens"] / c.max_tokens if c.max_tokens else 0.0,
                  s["time"] / c.max_time if c.max_time else 0.0]
         if self.budget.seconds is not None:
+            # Never backwards: a machine that got faster again would otherwise raise the learning
+            # rate after its cool-down began, or bring back a run that had reached its end.
             spent = s["time"] - self.time_at_start
-            parts.append(spent / max(self.budget.training_seconds(spent), 1e-9))
+            self._budget_done = max(self._budget_done, spent / max(self.budget.training_seconds(spent), 1e-9))
+            parts.append(self._budget_done)
         return min(1.0, max(parts))
 
     def step_inputs(self, micro: int, step: int) -> dict:
@@ -542,7 +547,9 @@ class _TrainingLog:
         mfu = self.flops_per_token * tokens_per_second / (self.peak_flops * run.world_size) if self.peak_flops else None
         run.log_row({"kind": "train", "step": state["step"], "tokens": state["tokens"], "time": round(state["time"], 3),
                      "loss": mean_loss, "lr": multiplier, "tokens_per_second": tokens_per_second, "mfu": mfu})
-        run.budget.measured_training_speed(tokens_per_second)
+        spent = state["time"] - run.time_at_start
+        if spent > 0:  # the mean speed of this command's training: a busy moment does not swing the plan
+            run.budget.measured_training_speed((state["tokens"] - run.tokens_at_start) / spent)
         if run.config.report_to != "none":
             run.accelerator.log({"train_loss": mean_loss, "lr_multiplier": multiplier,
                                  "tokens_per_second": tokens_per_second}, step=state["step"])
