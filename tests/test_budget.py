@@ -149,6 +149,15 @@ def test_shards_prepared_up_to_a_cap_are_extended_by_a_run_that_needs_more(tmp_p
                 == fresh.split(split).read(0, fresh.split(split).num_tokens)).all()
 
 
+def test_a_resumed_run_with_more_time_tokenises_more(tmp_path, big_text_dir, monkeypatch):
+    monkeypatch.setattr(plan_module, "probe_tokens_per_second", lambda *a, **k: 2000.0)
+    run = tmp_path / "run"
+    first = train(build_config(budget_settings(big_text_dir, run, 6.0)))
+    resumed = train(build_config({**budget_settings(big_text_dir, run, 10.0), "resume": True}))
+    assert resumed["tokens_prepared"] > first["tokens_prepared"] + 2000 * 3
+    assert resumed["tokens_trained"] > first["tokens_trained"]
+
+
 def test_a_budget_on_a_hub_dataset_reads_only_what_it_needs(tmp_path, monkeypatch):
     """The hub path (training/sources.py `_hub_documents`) with a local `datasets` dataset in place of
     the network: a budgeted run stops reading the stream once it has the tokens it will train on."""

@@ -309,10 +309,11 @@ class Plan:
 
 
 def fit_run(config, *, device: Device, torch_device: torch.device, budget, world_size: int,
-            encode_rate: float | None, say) -> Plan:
+            encode_rate: float | None, say, trained_before: int = 0) -> Plan:
     """The run's plan: precision, model size (--preset auto), micro-batch, the speed probe, and under
-    a time budget the training time and the tokens to prepare. `config` values other than "auto"
-    are the user's (or the preset's) and are kept as they are."""
+    a time budget the training time and the tokens to prepare (beyond the `trained_before` tokens
+    a resumed run read already). `config` values other than "auto" are the user's (or the
+    preset's) and are kept as they are."""
     import dataclasses
 
     from iterative_llm import IterativeLLMConfig
@@ -420,7 +421,7 @@ def fit_run(config, *, device: Device, torch_device: torch.device, budget, world
         plan.training_seconds = training_seconds(rate, params)
         budget.end_parts = plan.end_parts = end_reserve(resolved, params, rate, plan.training_seconds)
         budget.eval_tokens = resolved.eval_tokens
-        tokens = DATA_MARGIN * rate * plan.training_seconds
+        tokens = trained_before + DATA_MARGIN * rate * plan.training_seconds
         limits = [tokens] + [limit for limit in (resolved.max_tokens,
                   resolved.max_steps * step_tokens if resolved.max_steps else None) if limit]
         share_kept = 1.0 if resolved.val_data else 1.0 - resolved.val_fraction

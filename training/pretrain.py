@@ -45,7 +45,7 @@ from iterative_llm.tokenization import check_tokenizer_matches_model, token_byte
 from . import ladder
 from .batches import RandomWindowBatches
 from .budget import TimeBudget, format_seconds, parse_duration, process_start_time
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import STATE_FILE, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 # build_parser: every stage module has one (`iterative-llm train`'s lives in config.py).
 from .config import TrainConfig, build_parser, parse_args, scalar_settings, write_run_config  # noqa: F401
 from .evaluate import evaluate, flops_per_token, hardware, peak_flops, sample
@@ -284,7 +284,10 @@ def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = 
         )
     if config.model_preset != "auto":
         check_model_settings(config)  # before anything is written (--preset auto's size is the plan's)
-    plan, tokenizer, train_split, val_split = _planned_data(config, accelerator, out, say, machine, budget)
+    # A resumed run's data must hold what it trained on before as well as what this command will.
+    trained_before = json.loads((resume_from / STATE_FILE).read_text())["tokens"] if resume_from is not None else 0
+    plan, tokenizer, train_split, val_split = _planned_data(config, accelerator, out, say, machine, budget,
+                                                            trained_before)
     config = plan.config  # nothing left on "auto"
     budget.eval_tokens = min(config.eval_tokens or val_split.num_tokens, val_split.num_tokens)
 
@@ -345,7 +348,8 @@ def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = 
     )
 
 
-def _planned_data(config: TrainConfig, accelerator, out: Path, say, machine: Device, budget: TimeBudget):
+def _planned_data(config: TrainConfig, accelerator, out: Path, say, machine: Device, budget: TimeBudget,
+                  trained_before: int = 0):
     """The tokenizer, the plan (training/plan.py: fitted to the machine, and under --time_budget the
     model size and the tokens to prepare), and the train and validation token shards (training/prepare.py
     makes them on the main process, tokenising what the plan asks for, and reuses or extends them
@@ -371,7 +375,7 @@ def _planned_data(config: TrainConfig, accelerator, out: Path, say, machine: Dev
         accelerator.wait_for_everyone()
         if not main_process:
             tokenizer = the_tokenizer()  # the main process's, saved by now
-        plan = _the_plan(config, accelerator, machine, budget, tokenizer, say)
+        plan = _the_plan(config, accelerator, machine, budget, tokenizer, say, trained_before)
         if main_process:
             _prepare_shards(plan.config, tokenizer, data_dir, out, max_tokens=plan.tokens_to_prepare)
         accelerator.wait_for_everyone()
@@ -386,7 +390,8 @@ def _planned_data(config: TrainConfig, accelerator, out: Path, say, machine: Dev
     return plan, tokenizer, train_split, val_split
 
 
-def _the_plan(config: TrainConfig, accelerator, machine: Device, budget: TimeBudget, tokenizer, say) -> Plan:
+def _the_plan(config: TrainConfig, accelerator, machine: Device, budget: TimeBudget, tokenizer, say,
+              trained_before: int) -> Plan:
     """The plan, made on the main process (its speed probes are timed there) and sent to the others,
     so that every process trains the same model with the same settings; printed before the data is
     tokenised. Without a budget or anything on "auto", it only records the device's decisions."""
@@ -401,7 +406,8 @@ def _the_plan(config: TrainConfig, accelerator, machine: Device, budget: TimeBud
                 config.data, text_column=config.text_column, doc_separator=config.doc_separator,
                 max_documents=config.max_documents), chars=min(1_000_000, tokenizer_chars(budget.seconds, 10**9)))
         plan = fit_run(config, device=machine, torch_device=accelerator.device, budget=budget,
-                       world_size=accelerator.num_processes, encode_rate=encode_rate, say=say)
+                       world_size=accelerator.num_processes, encode_rate=encode_rate, say=say,
+                       trained_before=trained_before)
         say("plan:\n" + "\n".join(plan.lines(budget, machine, torch.get_num_threads())))
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
