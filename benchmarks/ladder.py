@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,7 @@ def run_one(name: str, extra: list[str], *, heads: Path, tails: Path, budget: st
     command = [sys.executable, "-m", "training.pretrain", "--preset", "auto", "--data", str(heads),
                "--val_data", str(tails), "--time_budget", budget, "--out", str(out / name),
                "--report_to", "none", "--progress", "false", *extra]
+    shutil.rmtree(out / name, ignore_errors=True)  # this benchmark's own earlier run of the same name
     print("$ " + " ".join(command), flush=True)
     start = time.monotonic()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)

@@ -119,6 +119,17 @@ def test_a_budget_tokenises_what_training_will_read_not_the_whole_source(tmp_pat
     assert summary["tokens_prepared"] < whole.split("train").num_tokens / 4
 
 
+def test_a_cap_reads_the_training_source_and_all_of_a_separate_validation_source(tmp_path, big_text_dir, tokenizer):
+    files = sorted(big_text_dir.iterdir())
+    val = tmp_path / "val"
+    val.mkdir()
+    for f in files[:20]:
+        (val / f.name).write_text(f.read_text())
+    capped = prepare_shards(str(big_text_dir), tokenizer, tmp_path / "capped", val_source=str(val), max_tokens=5_000,
+                            progress=False)
+    assert capped.split("train").num_tokens < 5_000 + 3_000 and capped.split("val").num_documents == 20
+
+
 def _tokenizer(run: Path):
     from iterative_llm.tokenization import load_tokenizer
 

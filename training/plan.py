@@ -58,10 +58,11 @@ class Device:
             return cls("cuda", props.name, props.total_memory, torch.cuda.is_bf16_supported())
         if torch.backends.mps.is_available():
             # MPS shares the Mac's memory; bfloat16 arrived with macOS 14.
-            import psutil
+            import os
 
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             bf16 = bool(getattr(torch.backends.mps, "is_macos_or_newer", lambda *a: False)(14, 0))
-            return cls("mps", "Apple GPU (MPS)", psutil.virtual_memory().total, bf16)
+            return cls("mps", "Apple GPU (MPS)", memory, bf16)
         from .machine import cpu_has_native_bf16, cpu_name
 
         return cls("cpu", cpu_name(), None, cpu_has_native_bf16())
@@ -341,7 +342,7 @@ def fit_run(config, *, device: Device, torch_device: torch.device, budget, world
                                                         batch_tokens=step_tokens, precision=precision.value,
                                                         preset_batch=preset)
         else:
-            batch = Decision(config.batch_size, "as asked (--batch_size)" if config.batch_size else "")
+            batch = Decision(config.batch_size, "as set: --batch_size or the preset's")
             checkpointing = Decision(False, "not needed")
         if config.activation_checkpointing != "auto":
             checkpointing = Decision(bool(config.activation_checkpointing), "as asked (--activation_checkpointing)")

@@ -125,7 +125,9 @@ def prepare_shards(
 
     Without `val_source`, a document goes to validation iff blake2b(text) < val_fraction; with it,
     every document of `val_source` is validation and every document of `source` is training.
-    `max_documents` and `max_tokens` (boundary tokens included) cap what is read from each source.
+    `max_documents` caps what is read from each source; `max_tokens` (boundary tokens included)
+    what is read from `source`, validation included when split from it: a separate `val_source` is
+    held-out text, read whole, so that runs that read different amounts are scored on the same text.
     A finished `out_dir` made with the same settings is reused; an interrupted one is resumed.
     """
     if val_source is None and not 0.0 < val_fraction < 1.0:
@@ -158,7 +160,7 @@ def prepare_shards(
     if manifest is not None:
         _check_same_settings(out, manifest, settings)
         if manifest["complete"] and _extend_to(manifest, max_tokens):
-            _say(progress, f"extending the shards in {out} (read up to {max_tokens or 'all'} tokens of each source)")
+            _say(progress, f"extending the shards in {out} (read up to {max_tokens or 'all'} tokens of the source)")
         if manifest["complete"]:
             dataset = ShardedDataset(out, manifest)
             _say(progress, f"reusing the finished shards in {out} ({dataset.summary()}); nothing to tokenise")
@@ -205,7 +207,8 @@ def prepare_shards(
         try:
             for key, stream_source, forced_split in streams:
                 state = manifest["progress"][key]
-                if max_tokens is not None and state["tokens"] >= max_tokens:
+                cap = max_tokens if key == "source" else None
+                if cap is not None and state["tokens"] >= cap:
                     state.update(done=True, capped=True)
                 if state["done"]:
                     continue
@@ -217,7 +220,7 @@ def prepare_shards(
                 bar = _progress_bar(progress, f"tokenising {stream_source}", state["tokens"])
                 # Under a cap, a batch holds about the text still wanted (4 characters a token), so that
                 # a stream (a hub dataset) is not read far past it.
-                wanted = None if max_tokens is None else (lambda: 4 * (max_tokens - state["tokens"]))
+                wanted = None if cap is None else (lambda: 4 * (cap - state["tokens"]))
                 for batch in _batched_texts(pieces, wanted):
                     encoded = _encode_batch(encoder, [text for text, _, _ in batch])
                     for (text, split, document_ends), ids in zip(batch, encoded):
@@ -230,7 +233,7 @@ def prepare_shards(
                         if not document_ends:
                             continue  # the held-out tail of this document follows
                         state["documents_read"] += 1
-                        if max_tokens is not None and state["tokens"] >= max_tokens:
+                        if cap is not None and state["tokens"] >= cap:
                             state["capped"] = True  # more is there: a later call may extend from here
                             break
                         if writers[split].open_tokens >= shard_tokens:
@@ -513,7 +516,7 @@ class PrepareArguments:
     shard_tokens: int = field(default=50_000_000, metadata={"help": "tokens per shard file"})
     max_documents: int | None = field(default=None, metadata={"help": "read at most this many documents"})
     max_tokens: int | None = field(default=None, metadata={
-        "help": "read at most this many tokens (boundary tokens included)"})
+        "help": "read at most this many tokens of SOURCE (boundary tokens included; --val_data is read whole)"})
 
 
 def build_parser() -> CommandParser:
