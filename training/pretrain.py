@@ -127,6 +127,8 @@ def train(config: TrainConfig, model_factory=None, started: float | None = None)
         run.compile_seconds = time.perf_counter() - start
         run.say(f"compiled in {run.compile_seconds:.1f} s" + (f"; {check}" if check else ""))
 
+    if budget.seconds is not None:
+        run.time_the_evaluation()
     with budget.phase("train"):
         stopped_by = train_loop(run)
     if stopped_by is not None:
@@ -218,6 +220,21 @@ class Run:
         if c.report_to != "none":
             self.accelerator.log(result, step=self.state["step"])
         return result
+
+    def time_the_evaluation(self) -> None:
+        """Evaluate a slice of the validation split (two batches, untrained weights: the same work), so
+        that the time kept for the final evaluation is measured on this machine, not estimated from
+        the probe's training speed (forward-only evaluation is faster than training by a factor that
+        varies with the model and the machine)."""
+        c = self.config
+        tokens = min(2 * c.batch_size * c.seq_len, self.budget.eval_tokens or self.val_split.num_tokens)
+        start = time.perf_counter()
+        with eagerly(c.compile):
+            evaluate(self.raw_model, self.val_split, self.byte_lengths, batch_size=c.batch_size, seq_len=c.seq_len,
+                     max_tokens=tokens, device=self.device, autocast=self.accelerator.autocast, rank=self.rank,
+                     world_size=self.world_size, document_positions=c.document_masking)
+        per_token = (time.perf_counter() - start) / tokens
+        self.budget.measured_evaluation(per_token * (self.budget.eval_tokens or self.val_split.num_tokens))
 
     def samples(self) -> None:
         if not self.main_process:
