@@ -173,8 +173,8 @@ def probe_tokens_per_second(model_config, *, device: torch.device, precision: st
                             accumulation: int, optimizer_settings: dict, steps: int = 2,
                             activation_checkpointing: bool = False) -> float:
     """Training tokens per second of a model of `model_config` on this machine: one warm-up step, then
-    `steps` timed real optimizer steps (forward, backward, Muon and AdamW) on random tokens. The model
-    is thrown away; what it measures is the speed of the run to plan."""
+    `steps` timed real optimizer steps (forward, backward, Muon and AdamW) on random tokens, the
+    fastest of them. The model is thrown away; what it measures is the speed of the run to plan."""
     from iterative_llm import IterativeLLMForCausalLM
 
     from .optim import build_optimizers
@@ -200,11 +200,14 @@ def probe_tokens_per_second(model_config, *, device: torch.device, precision: st
         float(loss)  # wait for the device
 
     step()  # kernels chosen, buffers allocated, optimizer state made: not what a run's steps cost
-    start = time.perf_counter()
+    fastest = float("inf")
     for _ in range(steps):
+        start = time.perf_counter()
         step()
-    seconds = time.perf_counter() - start
-    return steps * accumulation * micro_batch * seq_len / seconds
+        fastest = min(fastest, time.perf_counter() - start)
+    # The fastest step: on a machine others use, a step that waited for another process's work
+    # says nothing about this run's speed (one probe here measured a 35th of the run's speed).
+    return accumulation * micro_batch * seq_len / fastest
 
 
 # ---------------------------------------------------------------------- the plan of one run
@@ -217,9 +220,15 @@ TOKENIZER_CHARS_PER_SECOND = 1_000_000
 TOKENIZER_SHARE_OF_BUDGET = 0.02
 SAMPLED_TOKENS_PER_SECOND = 100
 WRITE_BYTES_PER_SECOND = 200e6
-# Tokens prepared beyond what the probed speed says training will use: the probe is the run's best
-# speed, and a run that runs out of new text only repeats some.
+# Tokens prepared beyond what the measured speed says training will use: a run that runs out of new
+# text only repeats some.
 DATA_MARGIN = 1.1
+# The share of that the run prepares before its first step. On a CPU the probe's few steps can
+# miss the speed by a factor of two either way on a machine that others use, and tokenising is
+# 10-50 times faster than training there: the run prepares half, then extends the shards at a log
+# row as its measured speed says (pretrain.py `extend_the_data`), a pause of seconds. An accelerator
+# measures steadily, and the pause would be minutes: it prepares all of it first.
+FIRST_SHARE = {"cpu": 0.5}
 # The CPU micro-batch when the preset leaves it to the plan: 16 x 256 tokens keeps 2-16 cores busy
 # without making one micro-step slow.
 CPU_MICRO_BATCH = 16
@@ -298,8 +307,9 @@ class Plan:
         if self.tokens_per_second:
             rows.append(("speed", f"{self.tokens_per_second:,.0f} training tokens/s (probed)"))
         if self.tokens_to_prepare:
-            rows.append(("data", f"tokenise up to {self.tokens_to_prepare:,} tokens of {c.data}"
-                                 f" ({DATA_MARGIN}x what the training time takes at that speed)"))
+            rows.append(("data", f"tokenise up to {self.tokens_to_prepare:,} tokens of {c.data} now: "
+                                 f"{FIRST_SHARE.get(device.kind, 1.0):.0%} of {DATA_MARGIN}x what the training time "
+                                 "takes at that speed; more as the measured speed asks"))
         if budget.seconds is not None and self.training_seconds is not None:
             rows.append(("train", f"{format_seconds(self.training_seconds)}, the cool-down over its last "
                                   f"{c.cooldown_fraction:.0%}; re-planned at every step from the clock"))
@@ -360,7 +370,7 @@ def fit_run(config, *, device: Device, torch_device: torch.device, budget, world
             rates[micro_batch] = world_size * probe_tokens_per_second(
                 model_of(fields), device=torch_device, precision=precision.value, micro_batch=micro_batch,
                 seq_len=config.seq_len, accumulation=min(accumulation, 2), optimizer_settings=settings,
-                steps=2 if device.kind == "cpu" else 3, activation_checkpointing=checkpointing.value)
+                steps=3, activation_checkpointing=checkpointing.value)
 
         if device.kind == "cpu" or config.batch_size != "auto":
             try_step(batch.value)
@@ -426,7 +436,7 @@ def fit_run(config, *, device: Device, torch_device: torch.device, budget, world
         limits = [tokens] + [limit for limit in (resolved.max_tokens,
                   resolved.max_steps * step_tokens if resolved.max_steps else None) if limit]
         share_kept = 1.0 if resolved.val_data else 1.0 - resolved.val_fraction
-        plan.tokens_to_prepare = max(step_tokens, int(min(limits) / share_kept))
+        plan.tokens_to_prepare = max(step_tokens, int(min(limits) * FIRST_SHARE.get(device.kind, 1.0) / share_kept))
         if plan.training_seconds < 0.2 * budget.seconds:
             say(f"warning: the budget leaves {format_seconds(plan.training_seconds)} of training after "
                 f"preparing the data and keeping time for the end; a longer --time_budget trains a better model")

@@ -53,7 +53,7 @@ from .export import export_model_folder
 from .guards import LearningCheck, TrainingError, check_loss_finite, check_model_settings, check_resume_settings
 from .machine import choose_threads, cpu_description
 from .multiple_choice import hellaswag_in_run
-from .plan import Device, Plan, choose_precision, fit_run, measure_encode_rate, tokenizer_chars
+from .plan import DATA_MARGIN, Device, Plan, choose_precision, fit_run, measure_encode_rate, tokenizer_chars
 from .optim import apply_lr, apply_muon_momentum, build_optimizers, lr_multiplier, muon_momentum
 from .prepare import ShardSettingsError, prepare_shards, tokenizer_for
 from .shards import MANIFEST, ShardedDataset
@@ -166,6 +166,7 @@ class Run:
     plan: Plan  # what the run was fitted to, and why
     compile_seconds: float = 0.0
     first_loss: float | None = None
+    data_dir: Path | None = None  # where the shards are, to extend them when training needs more
     byte_lengths: torch.Tensor = field(init=False)
 
     def __post_init__(self):
@@ -175,6 +176,7 @@ class Run:
         self.byte_lengths = torch.from_numpy(token_byte_lengths(self.tokenizer).astype("int64"))
         # A resumed run's earlier training is not this command's.
         self.time_at_start, self.tokens_at_start = self.state["time"], self.state["tokens"]
+        self._source_exhausted = False
         self._budget_done = 0.0  # the time budget's fraction done so far: it never goes back
 
     def progress(self) -> float:
@@ -220,6 +222,39 @@ class Run:
         if c.report_to != "none":
             self.accelerator.log(result, step=self.state["step"])
         return result
+
+    def extend_the_data(self) -> None:
+        """Under a time budget, at a log row: when the rest of the run, at the speed training has
+        had, will read more than the shards hold (the probe said slower, or a resumed run got
+        longer), they are extended from where they stopped (training/prepare.py) to what it will
+        read, and training goes on over the longer split. The time it takes is the clock's like any.
+        Only shortfalls over 10% of the split, so that a run extends a few times, not at every row."""
+        c, s = self.config, self.state
+        spent = s["time"] - self.time_at_start
+        if self.budget.seconds is None or self.data_dir is None or self._source_exhausted or spent <= 0:
+            return
+        speed = (s["tokens"] - self.tokens_at_start) / spent
+        wanted = s["tokens"] + DATA_MARGIN * speed * (self.budget.training_seconds(spent) - spent)
+        wanted = min([wanted] + [limit for limit in (c.max_tokens, c.max_steps and c.max_steps * self.tokens_per_step)
+                                 if limit])
+        short = wanted > 1.1 * self.train_split.num_tokens
+        if self.world_size > 1:
+            from accelerate.utils import broadcast_object_list
+
+            short = broadcast_object_list([short])[0]  # every process extends, or none
+        if not short:
+            return
+        share_kept = 1.0 if c.val_data else 1.0 - c.val_fraction
+        if self.main_process:
+            _prepare_shards(c, self.tokenizer, self.data_dir, self.out, max_tokens=int(wanted / share_kept))
+        self.accelerator.wait_for_everyone()
+        longer = ShardedDataset.open(self.data_dir).split("train")
+        self._source_exhausted = longer.num_tokens < 1.05 * self.train_split.num_tokens  # nothing more to read
+        self.say(f"data: extended to {longer.num_tokens:,} training tokens (training reads {speed:,.0f} tokens/s; "
+                 f"the rest of the run wants about {wanted:,.0f})")
+        self.train_split = longer
+        for batches in self.micro_batches:
+            batches.split = longer
 
     def time_the_evaluation(self) -> None:
         """Evaluate a slice of the validation split (two batches, untrained weights: the same work), so
@@ -362,6 +397,7 @@ def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = 
         # (`skip_logits`); a baseline model from `model_factory` gets the plain call.
         loss_kwargs={"skip_logits": True} if isinstance(raw_model, IterativeLLMForCausalLM) else {},
         state=state, say=say, budget=budget, plan=plan,
+        data_dir=Path(config.data_cache) if config.data_cache else out / run_folder.DATA,
     )
 
 
@@ -523,6 +559,8 @@ def train_loop(run: Run) -> str | None:
             stop_now = stop_requested["signal"] is not None
             if due(config.log_every) or last_step or stop_now or due(config.checkpoint_every):
                 log.write(multiplier)
+                if not last_step:
+                    run.extend_the_data()
             if bar is not None:
                 bar.update(1)
 
