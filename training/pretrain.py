@@ -397,7 +397,7 @@ def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = 
         # (`skip_logits`); a baseline model from `model_factory` gets the plain call.
         loss_kwargs={"skip_logits": True} if isinstance(raw_model, IterativeLLMForCausalLM) else {},
         state=state, say=say, budget=budget, plan=plan,
-        data_dir=Path(config.data_cache) if config.data_cache else out / run_folder.DATA,
+        data_dir=_data_dir(config, out),
     )
 
 
@@ -408,7 +408,7 @@ def _planned_data(config: TrainConfig, accelerator, out: Path, say, machine: Dev
     makes them on the main process, tokenising what the plan asks for, and reuses or extends them
     after). A start that fails here removes the folders it made."""
     main_process = accelerator.is_main_process
-    data_dir = Path(config.data_cache) if config.data_cache else out / run_folder.DATA
+    data_dir = _data_dir(config, out)
     created = [path for path in (out, data_dir) if not path.exists()]
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -441,6 +441,11 @@ def _planned_data(config: TrainConfig, accelerator, out: Path, say, machine: Dev
     say(f"data: {train_split.num_tokens:,} training tokens in {train_split.num_documents:,} documents, "
         f"{val_split.num_tokens:,} validation tokens ({data_dir})")
     return plan, tokenizer, train_split, val_split
+
+
+def _data_dir(config: TrainConfig, out: Path) -> Path:
+    """The tokenizer and token shards' folder: --data_cache, else the run's own."""
+    return Path(config.data_cache) if config.data_cache else out / run_folder.DATA
 
 
 def _the_plan(config: TrainConfig, accelerator, machine: Device, budget: TimeBudget, tokenizer, say,
