@@ -229,6 +229,9 @@ DATA_MARGIN = 1.1
 # row as its measured speed says (pretrain.py `extend_the_data`), a pause of seconds. An accelerator
 # measures steadily, and the pause would be minutes: it prepares all of it first.
 FIRST_SHARE = {"cpu": 0.5}
+# How far ahead, in seconds of training, the shards must reach before they are extended (to twice
+# that): what a run prepares beyond what it trains stays under a minute of training.
+EXTEND_AHEAD = 30.0
 # The CPU micro-batch when the preset leaves it to the plan: 16 x 256 tokens keeps 2-16 cores busy
 # without making one micro-step slow.
 CPU_MICRO_BATCH = 16

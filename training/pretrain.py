@@ -53,7 +53,7 @@ from .export import export_model_folder
 from .guards import LearningCheck, TrainingError, check_loss_finite, check_model_settings, check_resume_settings
 from .machine import choose_threads, cpu_description
 from .multiple_choice import hellaswag_in_run
-from .plan import DATA_MARGIN, Device, Plan, choose_precision, fit_run, measure_encode_rate, tokenizer_chars
+from .plan import EXTEND_AHEAD, Device, Plan, choose_precision, fit_run, measure_encode_rate, tokenizer_chars
 from .optim import apply_lr, apply_muon_momentum, build_optimizers, lr_multiplier, muon_momentum
 from .prepare import ShardSettingsError, prepare_shards, tokenizer_for
 from .shards import MANIFEST, ShardedDataset
@@ -224,20 +224,22 @@ class Run:
         return result
 
     def extend_the_data(self) -> None:
-        """Under a time budget, at a log row: when the rest of the run, at the speed training has
-        had, will read more than the shards hold (the probe said slower, or a resumed run got
-        longer), they are extended from where they stopped (training/prepare.py) to what it will
-        read, and training goes on over the longer split. The time it takes is the clock's like any.
-        Only shortfalls over 10% of the split, so that a run extends a few times, not at every row."""
+        """Under a time budget, at a log row: when the shards hold less than training will read in
+        the next EXTEND_AHEAD seconds at the speed it has had (the probe said slower, or a resumed run
+        got longer), they are extended from where they stopped (training/prepare.py) to what it will
+        read in twice that, and training goes on over the longer split. A little at a time, since
+        the steps left are only known as the run goes (evaluations, a busier machine), and tokenising
+        costs the same in pieces; the pause is the clock's like any other."""
         c, s = self.config, self.state
         spent = s["time"] - self.time_at_start
         if self.budget.seconds is None or self.data_dir is None or self._source_exhausted or spent <= 0:
             return
         speed = (s["tokens"] - self.tokens_at_start) / spent
-        wanted = s["tokens"] + DATA_MARGIN * speed * (self.budget.training_seconds(spent) - spent)
-        wanted = min([wanted] + [limit for limit in (c.max_tokens, c.max_steps and c.max_steps * self.tokens_per_step)
-                                 if limit])
-        short = wanted > 1.1 * self.train_split.num_tokens
+        rest = self.budget.training_seconds(spent) - spent
+        limits = [limit for limit in (c.max_tokens, c.max_steps and c.max_steps * self.tokens_per_step) if limit]
+        soon = min([s["tokens"] + speed * min(rest, EXTEND_AHEAD)] + limits)
+        wanted = min([s["tokens"] + speed * min(rest, 2 * EXTEND_AHEAD)] + limits)
+        short = soon > self.train_split.num_tokens
         if self.world_size > 1:
             from accelerate.utils import broadcast_object_list
 
