@@ -10,7 +10,7 @@ few tokens to learn what its size could hold, one too small stops improving earl
 2022, "Chinchilla", about 20 tokens per parameter for large models). On a small machine the tokens
 a size gets in the time are measured, not computed from FLOPs: a short throughput probe of each
 candidate on this machine (training/plan.py `probe_tokens_per_second`). The ratio under our recipe
-(Muon, a 4096-token BPE, 256-token windows) is measured by benchmarks/ladder.py, which trains every
+(Muon, a 4096-token BPE, 256-token windows) is checked by benchmarks/ladder.py, which trains every
 depth under the same budget; its results and command are in benchmarks/results/ladder_cpu.md.
 """
 
@@ -29,9 +29,10 @@ BASE_PRESET = "tiny"
 WIDTH_PER_DEPTH = 32
 HEAD_DIM = 32
 DEPTHS = tuple(range(1, 25))
-# Tokens a size wants per parameter (embedding and head included) under our recipe, measured by
-# benchmarks/ladder.py on 2 CPU cores (benchmarks/results/ladder_cpu.md): the best depth of the
-# ladder at a 2-minute budget trained about this many tokens per parameter.
+# Tokens a size wants per parameter (embedding and head included) under our recipe. Set before it
+# was measured; benchmarks/ladder.py at a 4-minute budget on 2 CPU cores brackets it
+# (benchmarks/results/ladder_cpu.md): the best depth trained 6.6 tokens per parameter, the next
+# larger (worse) 2.1, so any value between picks the best there. A 15-minute table would narrow it.
 TOKENS_PER_PARAMETER = 4.0
 # The AdamW learning rates of the recipe are set for width 768 and scale as (768 / width) ** 0.5
 # (nanochat's rule, and the tiny preset's rates at width 128); Muon's is the tiny preset's.
