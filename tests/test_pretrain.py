@@ -272,8 +272,93 @@ def test_corrupt_and_mismatched_checkpoints_are_named(tmp_path, text_dir):
                                     model={**settings(text_dir, run)["model"], "hidden_size": 48})))
     weights = latest_checkpoint(run) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=r"is corrupt.*Delete that folder"):
+    with pytest.raises(CheckpointError, match=r"No intact checkpoint .*damaged: step_00000002; nothing was deleted"):
         train(build_config(settings(text_dir, run, resume=True, max_steps=4)))
+    assert weights.is_file()
+
+
+class RunsCode:
+    """What a crafted training_state.pt holds: unpickling it runs a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, text_dir, capsys):
+    from training.pretrain import main
+
+    run = tmp_path / "run"
+    train(build_config(settings(text_dir, run, max_steps=2, eval_every=0)))
+    marker = tmp_path / "MARKER"
+    crafted = latest_checkpoint(run) / "training_state.pt"
+    torch.save({"optimizers": [RunsCode(marker)], "rng": {}}, crafted)
+    capsys.readouterr()
+    assert main(["--out", str(run), "--resume", "--max_steps", "3"]) == 1
+    assert not marker.exists()
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and str(crafted) in error and "would run code" in error and "system" in error
+
+
+def test_checkpoints_of_every_earlier_version_still_load(tmp_path):
+    """Checkpoints have always held the numpy RNG state (an ndarray) and, before torch.optim.Muon, our
+    Muon's groups with an "ns_dtype" (a torch.dtype): both load without unpickling code."""
+    from training.optim import build_optimizers
+
+    model = tiny_model()
+    optimizers = build_optimizers(model)
+    model(torch.ones(1, 4, dtype=torch.long), labels=torch.ones(1, 4, dtype=torch.long)).loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    path = save_checkpoint(tmp_path, model, optimizers, {"step": 1, "tokens": 0, "time": 0.0})
+    state = torch.load(path / "training_state.pt", weights_only=False)  # our own file: a test may trust it
+    assert type(state["rng"]["numpy"][1]).__module__ == "numpy"
+    muon = state["optimizers"][0]
+    muon["param_groups"] = [{k: g[k] for k in ("lr", "momentum", "nesterov", "weight_decay", "ns_steps", "name",
+                                               "initial_lr", "params")} | {"ns_dtype": torch.float32}
+                            for g in muon["param_groups"]]
+    torch.save(state, path / "training_state.pt")
+    fresh = tiny_model(seed=1)
+    fresh_optimizers = build_optimizers(fresh)
+    assert load_checkpoint(path, fresh, fresh_optimizers)["step"] == 1
+    assert torch.equal(fresh.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert "ns_dtype" not in fresh_optimizers[0].param_groups[0]
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, text_dir, capsys):
+    from training.pretrain import main
+
+    run = tmp_path / "run"
+    train(build_config(settings(text_dir, run, max_steps=4, eval_every=0, checkpoint_every=2)))
+    damaged = latest_checkpoint(run)
+    assert damaged.name == "step_00000004"
+    (damaged / "training_state.pt").write_bytes(os.urandom(2048))
+    capsys.readouterr()
+    assert main(["--out", str(run), "--resume", "--max_steps", "5"]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped checkpoint {damaged}: {damaged / 'training_state.pt'} is corrupt" in out
+    assert f"resumed from {run / 'checkpoints' / 'step_00000002'} (step 2" in out
+    assert json.loads((run / "summary.json").read_text())["steps"] == 5
+
+
+def test_resume_never_deletes_a_damaged_checkpoint(tmp_path, capsys):
+    from training.checkpoint import resume_checkpoint
+
+    model = tiny_model()
+    optimizers = [torch.optim.AdamW(model.parameters())]
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, model, optimizers, {"step": step, "tokens": 0, "time": 0.0}, keep=3)
+    root = tmp_path / "checkpoints"
+    (root / "step_00000003" / "training_state.pt").write_bytes(b"")
+    (root / "step_00000002" / "trainer_state.json").write_text("{not json")
+    path, state = resume_checkpoint(tmp_path, tiny_model(), [torch.optim.AdamW(model.parameters())])
+    assert (path.name, state["step"]) == ("step_00000001", 1)
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == [f"skipped checkpoint {root / 'step_00000003'}",
+                                                    f"skipped checkpoint {root / 'step_00000002'}"]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002", "step_00000003"]
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, text_dir, monkeypatch):

@@ -6,6 +6,14 @@ states and RNG states (`training_state.pt`), and `trainer_state.json` (step, tok
 position). It is written under a temporary name and renamed into place in one `os.replace`, and
 `RUN/checkpoints/latest` is switched to it only afterwards: at every instant, `latest` names a
 complete checkpoint.
+
+Reading one never runs code that came with it: people share run folders ("resume from my
+checkpoint"), and a pickle can call anything. `training_state.pt` is read with
+`torch.load(weights_only=True)`, which builds only tensors, numbers, strings and containers, plus
+the numpy RNG state named in `_NUMPY_RNG_STATE` (as transformers' Trainer reads its RNG file);
+every checkpoint iterative-llm has written holds nothing else. A file that names any other code is
+refused (`UnsafeCheckpoint`). A damaged newest checkpoint is skipped for the one before it
+(`resume_checkpoint`); nothing is ever deleted on the way.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -37,6 +46,19 @@ ARCHITECTURE_FIELDS = (
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message says what to do."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A file of the checkpoint is missing, truncated or garbage: an older checkpoint may serve."""
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """`training_state.pt` names code that loading it would run: it was not written by us."""
+
+
+# The numpy RNG state, np.random.get_state(), holds a uint32 array, which pickles through these.
+_NUMPY_RNG_STATE = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                    getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -86,18 +108,22 @@ def save_checkpoint(run_dir: str | Path, model, optimizers, trainer_state: dict[
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         kept = f"The previous checkpoint {previous} is intact." if previous else "No earlier checkpoint exists."
-        if err.errno == errno.ENOSPC:
-            raise CheckpointError(
-                f"The disk is full: could not write checkpoint {final}. {kept} Free some space (or point --out "
-                f"at another disk) and run again with --resume."
-            ) from err
-        raise CheckpointError(f"Could not write checkpoint {final}: {err}. {kept}") from err
+        raise write_error(err, f"checkpoint {final}", kept) from err
 
     # Prune the oldest complete checkpoints beyond `keep`.
     complete = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
     for old in complete[: max(0, len(complete) - max(1, keep))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_error(err: OSError, what: str, kept: str) -> CheckpointError:
+    """The one-line error for a checkpoint or an export that could not be written: what was lost, what
+    is intact (`kept`), and how to go on. A full disk says so by name."""
+    if err.errno == errno.ENOSPC:
+        return CheckpointError(f"The disk is full: could not write {what}. {kept} Free some space (or point --out "
+                               f"at another disk) and run again with --resume.")
+    return CheckpointError(f"Could not write {what}: {err}. {kept}")
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -119,12 +145,11 @@ def load_checkpoint(path: Path, model, optimizers) -> dict[str, Any]:
     the checkpoint and the way forward.
     """
     path = Path(path)
-    fallback = "Delete that folder to resume from the previous checkpoint, or start a new run with another --out."
     try:
         saved_config = json.loads((path / "config.json").read_text())
         trainer_state = json.loads((path / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"Checkpoint {path} is corrupt or incomplete ({err}). {fallback}") from err
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DamagedCheckpoint(f"Checkpoint {path} is corrupt or incomplete ({err}).") from err
 
     differences = [
         f"{name}: checkpoint {saved_config.get(name)!r}, now {getattr(model.config, name, None)!r}"
@@ -137,11 +162,11 @@ def load_checkpoint(path: Path, model, optimizers) -> dict[str, Any]:
             f"the run was started with (see its {run_folder.RUN_CONFIG}), or start a new run with another --out."
         )
 
+    training_state = read_training_state(path)
     try:
         weights = load_file(str(path / "model.safetensors"))
-        training_state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=False)
-    except Exception as err:  # safetensors and pickle raise many types for a damaged file
-        raise CheckpointError(f"Checkpoint {path} is corrupt ({type(err).__name__}: {err}). {fallback}") from err
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise DamagedCheckpoint(f"Checkpoint {path} is corrupt ({type(err).__name__}: {err}).") from err
 
     if model.config.tie_word_embeddings:
         weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
@@ -149,7 +174,8 @@ def load_checkpoint(path: Path, model, optimizers) -> dict[str, Any]:
     missing = [name for name in missing if not name.endswith("inv_freq")]
     if missing or unexpected:
         raise CheckpointError(
-            f"Checkpoint {path} does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]}). {fallback}"
+            f"Checkpoint {path} does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]}). Resume "
+            f"with the settings the run was started with, or start a new run with another --out."
         )
     try:
         load_optimizer_state_dicts(optimizers, training_state["optimizers"])
@@ -157,3 +183,68 @@ def load_checkpoint(path: Path, model, optimizers) -> dict[str, Any]:
         raise CheckpointError(f"Checkpoint {path}: {err}") from err
     set_rng_state(training_state["rng"])
     return trainer_state
+
+
+def read_training_state(path: Path) -> dict[str, Any]:
+    """The optimizer and RNG states of checkpoint `path`, read without running any code it names."""
+    file = Path(path) / TRAINING_STATE
+    try:
+        with torch.serialization.safe_globals(_NUMPY_RNG_STATE):
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        code = _code_named(file)
+        if code:
+            raise UnsafeCheckpoint(
+                f"{file} would run code if it were loaded ({', '.join(code)}), so it was not: iterative-llm never "
+                f"writes such a file. Do not resume from this run folder unless you know who changed it."
+            ) from err
+        raise DamagedCheckpoint(f"{file} is corrupt ({_first_line(err)}).") from err
+    except Exception as err:  # a truncated zip, a missing file, an empty one: torch raises many types
+        raise DamagedCheckpoint(f"{file} is corrupt or missing ({type(err).__name__}: {_first_line(err)}).") from err
+    if not (isinstance(state, dict) and isinstance(state.get("optimizers"), list) and isinstance(state.get("rng"), dict)):
+        raise DamagedCheckpoint(f"{file} does not hold optimizer and RNG states.")
+    return state
+
+
+def _code_named(file: Path) -> list[str]:
+    """The functions and classes a torch.save file would call beyond the ones we allow (read without
+    unpickling); [] for a file that is not a torch.save file at all."""
+    allowed = {f"{kind.__module__}.{kind.__qualname__}" for kind in _NUMPY_RNG_STATE}
+    try:
+        return [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(file) if name not in allowed]
+    except Exception:  # garbage, not a zip: damaged rather than crafted
+        return []
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def resume_checkpoint(run_dir: str | Path, model, optimizers, say=print) -> tuple[Path, dict[str, Any]]:
+    """Load the newest intact checkpoint of `run_dir` into `model` and `optimizers`; (its path, its
+    trainer state).
+
+    A damaged newer one (a file missing, truncated or garbage) is skipped with a note saying which and
+    why, and left where it is. Anything else stops the resume: a checkpoint of another model or
+    optimizer setting (a settings mistake, which an older checkpoint shares) or one that would run
+    code (someone changed the folder; going back quietly would hide that).
+    """
+    newest = latest_checkpoint(run_dir)
+    if newest is None:
+        raise CheckpointError(f"{checkpoint_root(run_dir)} holds no complete checkpoint to resume from.")
+    older = sorted((p for p in checkpoint_root(run_dir).glob("step_*") if (p / STATE_FILE).is_file() and p < newest),
+                   reverse=True)
+    skipped = []
+    for path in [newest, *older]:
+        try:
+            state = load_checkpoint(path, model, optimizers)
+        except DamagedCheckpoint as err:
+            say(f"skipped checkpoint {path}: {err} It is left as it is.")
+            skipped.append(path.name)
+            continue
+        return path, state
+    raise CheckpointError(
+        f"No intact checkpoint in {checkpoint_root(run_dir)} (damaged: {', '.join(skipped)}; nothing was deleted). "
+        f"Start a new run with another --out."
+    )

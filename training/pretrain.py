@@ -38,7 +38,7 @@ from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM, run_folde
 from iterative_llm.tokenization import check_tokenizer_matches_model, token_byte_lengths
 
 from .batches import RandomWindowBatches
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, resume_checkpoint, save_checkpoint
 # build_parser: every stage module has one (`iterative-llm train`'s lives in config.py).
 from .config import TrainConfig, build_parser, parse_args, scalar_settings, write_run_config  # noqa: F401
 from .evaluate import evaluate, flops_per_token, hardware, peak_flops, sample
@@ -263,7 +263,7 @@ def set_up(config: TrainConfig, model_factory=None) -> Run:
 
     state = {"step": 0, "tokens": 0, "time": 0.0}
     if resume_from is not None:
-        state = load_checkpoint(resume_from, raw_model, optimizers)
+        resume_from, state = resume_checkpoint(out, raw_model, optimizers, say)  # the newest intact one
         check_resume_settings(state, config, tokens_per_step)
         say(f"resumed from {resume_from} (step {state['step']}, {state['tokens']:,} tokens)")
     if main_process:
