@@ -45,6 +45,7 @@ from iterative_llm.tokenization import (
     train_tokenizer,
 )
 
+from .run_lock import hold
 from .shards import FORMAT_VERSION, MANIFEST, SPLITS, ShardedDataset, read_manifest
 from .sources import BUILTIN_PYTHON_DOCS, describe_source, iter_documents
 from .versions import package_versions
@@ -498,17 +499,18 @@ def main(argv: list[str] | None = None) -> int:
     from iterative_llm import IterativeLLMConfig
 
     try:
-        tokenizer = tokenizer_for(
-            args.source, args.out_dir, tokenizer=args.tokenizer,
-            vocab_size=args.vocab_size or IterativeLLMConfig.from_preset("tiny").vocab_size,
-            text_column=args.text_column, doc_separator=args.doc_separator, max_documents=args.max_documents,
-            train_chars=args.tokenizer_train_chars, say=lambda message: print(message, file=sys.stderr, flush=True),
-        )
-        dataset = prepare_shards(args.source, tokenizer, args.out_dir, text_column=args.text_column,
-                                 doc_separator=args.doc_separator, val_source=args.val_data,
-                                 val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
-                                 max_documents=args.max_documents, max_tokens=args.max_tokens)
-    except (OSError, ValueError) as err:  # a missing source or tokenizer, an empty source, other settings
+        with hold(args.out_dir, "Wait for it to end, or choose another OUT_DIR."):  # one writer per folder
+            tokenizer = tokenizer_for(
+                args.source, args.out_dir, tokenizer=args.tokenizer,
+                vocab_size=args.vocab_size or IterativeLLMConfig.from_preset("tiny").vocab_size,
+                text_column=args.text_column, doc_separator=args.doc_separator, max_documents=args.max_documents,
+                train_chars=args.tokenizer_train_chars, say=lambda message: print(message, file=sys.stderr, flush=True),
+            )
+            dataset = prepare_shards(args.source, tokenizer, args.out_dir, text_column=args.text_column,
+                                     doc_separator=args.doc_separator, val_source=args.val_data,
+                                     val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+                                     max_documents=args.max_documents, max_tokens=args.max_tokens)
+    except (OSError, ValueError) as err:  # a missing source or tokenizer, an empty source, other settings, in use
         print(f"iterative-llm prepare: {err}", file=sys.stderr)
         return 2
     print(dataset)

@@ -22,6 +22,7 @@ compiled-gradient check runs in the warm-up (training/step.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -47,6 +48,7 @@ from .guards import LearningCheck, TrainingError, check_loss_finite, check_model
 from .multiple_choice import hellaswag_in_run
 from .optim import apply_lr, apply_muon_momentum, build_optimizers, lr_multiplier, muon_momentum
 from .prepare import ShardSettingsError, prepare_shards, tokenizer_for
+from .run_lock import FolderInUse, hold
 from .shards import MANIFEST, ShardedDataset
 from .step import compile_model, eagerly, to_model_inputs, train_step, warm_up_compiled
 from .versions import package_versions
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(config)
         code = 0
-    except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as err:
+    except (TrainingError, CheckpointError, FolderInUse, ValueError, FileNotFoundError) as err:
         print(f"iterative-llm train: {err}", file=sys.stderr)
     except BaseException:
         if not _several_processes():
@@ -96,6 +98,20 @@ def train(config: TrainConfig, model_factory=None) -> dict:
     `model_factory(model_config)`, if given, builds the model to train instead of
     IterativeLLMForCausalLM (benchmarks put a GPT-2 baseline through the same pipeline this way).
     """
+    # One writer per run folder (training/run_lock.py). The processes of one launch write it together, so
+    # only the first holds it (RANK: the global rank torchrun and `accelerate launch` set; unset alone).
+    first_process = int(os.environ.get("RANK", "0")) == 0
+    with hold(config.out, RUN_IN_USE) if first_process else contextlib.nullcontext():
+        return _train(config, model_factory)
+
+
+RUN_IN_USE = ("Two trainings in one folder write over each other's checkpoints and model: wait for that one to end "
+              "(or stop it: Ctrl-C saves a checkpoint), then --resume; or choose another --out.")
+DATA_IN_USE = ("It is preparing the token shards; start again when it is done (they are then reused), "
+               "or choose another --data_cache.")
+
+
+def _train(config: TrainConfig, model_factory=None) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # checkpoint writes would each draw a bar inside the training bar
@@ -322,8 +338,9 @@ def _prepared_data(config: TrainConfig, accelerator, out: Path, say):
 
     try:
         if main_process:
-            tokenizer = the_tokenizer()  # trained and saved in the data folder if it has none
-            _prepare_shards(config, tokenizer, data_dir, out)
+            with hold(data_dir, DATA_IN_USE):  # a --data_cache is shared: one run prepares it at a time
+                tokenizer = the_tokenizer()  # trained and saved in the data folder if it has none
+                _prepare_shards(config, tokenizer, data_dir, out)
         accelerator.wait_for_everyone()
         if not main_process:
             tokenizer = the_tokenizer()  # the main process's, saved by now
