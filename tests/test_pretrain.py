@@ -264,6 +264,36 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypat
     assert latest_checkpoint(tmp_path).name == "step_00000001"
 
 
+def test_full_disk_during_the_export_keeps_the_model_folder_and_the_checkpoint(tmp_path, text_dir, monkeypatch, capsys):
+    from iterative_llm import IterativeLLMForCausalLM
+    from training.pretrain import main
+
+    run = tmp_path / "run"
+    train(build_config(settings(text_dir, run, max_steps=2, eval_every=0)))
+    exported = {name: (run / name).read_bytes() for name in ("model.safetensors", "config.json", "README.md")}
+    original = IterativeLLMForCausalLM.save_pretrained
+
+    def full(self, folder, *args, **kwargs):
+        if "checkpoints" in Path(folder).parts:  # checkpoints still fit; the model folder does not
+            return original(self, folder, *args, **kwargs)
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"the first bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(IterativeLLMForCausalLM, "save_pretrained", full)
+    capsys.readouterr()
+    assert main(["--out", str(run), "--resume", "--max_steps", "3"]) == 1
+    checkpoint = run / "checkpoints" / "step_00000003"
+    assert (f"The disk is full: could not write the model folder {run}. The run's checkpoint {checkpoint} is intact"
+            in capsys.readouterr().err)
+    assert {name: (run / name).read_bytes() for name in exported} == exported  # the previous export, whole
+    assert not list(run.glob(".export-*"))
+    monkeypatch.undo()
+    assert main(["--out", str(run), "--resume"]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    assert (run / "model.safetensors").read_bytes() != exported["model.safetensors"]
+
+
 def test_corrupt_and_mismatched_checkpoints_are_named(tmp_path, text_dir):
     run = tmp_path / "run"
     train(build_config(settings(text_dir, run, max_steps=2, eval_every=0)))
