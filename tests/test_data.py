@@ -527,3 +527,87 @@ def test_command_line_prepares_a_folder(sources, tokenizer, tmp_path):
             "--val-fraction", str(VAL_FRACTION), "--shard-tokens", "400"]
     assert data.main(args) == 0
     assert ShardedDataset.open(tmp_path / "out").split("val").num_documents > 0
+
+
+# ---------------------------------------------------------------- kill -9 at every write of `prepare`
+
+
+def _prepare_killed_at(event: int, argv: list[str]) -> bool:
+    """`iterative-llm prepare ARGV` in a forked child that kills itself (SIGKILL: no clean-up runs) just
+    before its `event`-th write: a file opened for writing, a rename or a removal. True if it was killed,
+    False if it finished with fewer writes. A fork starts at once, with everything already imported."""
+    import builtins
+    import contextlib
+    import io
+    import os
+    import signal
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            count = [0]
+            real_open, real_replace, real_unlink = builtins.open, os.replace, os.unlink
+
+            def tick():
+                count[0] += 1
+                if count[0] == event:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            def writing_open(file, mode="r", *args, **kwargs):
+                if any(flag in mode for flag in "wax+"):
+                    tick()
+                return real_open(file, mode, *args, **kwargs)
+
+            def replace(*args, **kwargs):
+                tick()
+                return real_replace(*args, **kwargs)
+
+            def unlink(*args, **kwargs):
+                tick()
+                return real_unlink(*args, **kwargs)
+
+            builtins.open = io.open = writing_open
+            os.replace, os.unlink = replace, unlink
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                data.main(argv)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def _folder_bytes(folder) -> dict:
+    """Every file of a shard folder (the tokenizer's too) and its bytes, but for the writer's lock."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".iterative-llm.lock"}
+
+
+@pytest.mark.parametrize("kind", ["documents", "books"])
+def test_prepare_killed_at_any_write_then_rerun_makes_the_same_folder(kind, tmp_path, capsys):
+    """kill -9 before each write of `iterative-llm prepare` in turn (the tokenizer, every shard, every
+    manifest), then the same command again: the folder is byte for byte the uninterrupted one's.
+    "documents": many, split by document into several shards; "books": three, too few to split by
+    document, so a first pass is thrown away for the held-out-tails pass (both are killed)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    if kind == "documents":
+        for i, doc in enumerate(DOCS):
+            (source / f"doc{i:03d}.txt").write_text(doc)
+    else:
+        for b in range(3):
+            (source / f"book{b}.txt").write_text("\n\n".join(f"Book {b}, chapter {i}. " + DOCS[(b * 7 + i) % len(DOCS)]
+                                                             for i in range(20)) + "\n")
+    argv = lambda out: [str(source), str(out), "--vocab_size", "300", "--shard_tokens", "2000",  # noqa: E731
+                        "--val_fraction", str(VAL_FRACTION)]
+    assert data.main(argv(tmp_path / "straight")) == 0
+    straight = _folder_bytes(tmp_path / "straight")
+    shards = len([name for name in straight if name.endswith(".bin")])
+    event = 0
+    while True:
+        event += 1
+        out = tmp_path / f"killed{event}"
+        if not _prepare_killed_at(event, argv(out)):
+            break
+        assert data.main(argv(out)) == 0, capsys.readouterr().err
+        assert _folder_bytes(out) == straight, f"killed before write {event}"
+    assert event > 4 * shards  # each shard alone is written in four steps, and each was a kill point

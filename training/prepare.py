@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -90,7 +91,11 @@ def tokenizer_for(
     say(f"training a {vocab_size}-token byte-level BPE tokenizer on {source} ...")
     start = time.perf_counter()
     trained = train_tokenizer(_first_chars(itertools.chain([first], documents), train_chars), vocab_size=vocab_size)
-    trained.save_pretrained(saved)
+    # Saved beside its place and renamed into it: a folder cut short by a kill would be loaded by the next run.
+    staging = saved.with_name(f".{TOKENIZER_DIR}.tmp")  # one writer per shard folder (run_lock), so one name
+    shutil.rmtree(staging, ignore_errors=True)
+    trained.save_pretrained(staging)
+    os.replace(staging, saved)
     say(f"tokenizer: {len(trained)} tokens in {time.perf_counter() - start:.1f} s, saved to {saved}")
     return trained
 
