@@ -333,7 +333,8 @@ def _prepared_data(config: TrainConfig, accelerator, out: Path, say):
         return tokenizer_for(
             config.data, data_dir, tokenizer=config.tokenizer, vocab_size=vocab_size,
             text_column=config.text_column, doc_separator=config.doc_separator,
-            max_documents=config.max_documents, train_chars=config.tokenizer_train_chars, say=say,
+            max_documents=config.max_documents, train_chars=config.tokenizer_train_chars,
+            on_decode_error=config.on_decode_error, say=say,
         )
 
     try:
@@ -360,7 +361,7 @@ def _prepare_shards(config: TrainConfig, tokenizer, data_dir: Path, out: Path) -
         prepare_shards(
             config.data, tokenizer, data_dir, text_column=config.text_column, doc_separator=config.doc_separator,
             val_source=config.val_data, val_fraction=config.val_fraction, max_documents=config.max_documents,
-            progress=config.progress,
+            on_decode_error=config.on_decode_error, progress=config.progress,
         )
     except ShardSettingsError as err:
         made_from = err.manifest.get("paths", {}).get("source")
