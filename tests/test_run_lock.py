@@ -63,7 +63,7 @@ def kill_9(process: subprocess.Popen) -> None:
 def test_a_second_writer_is_refused_with_the_first_named_and_a_kill_leaves_no_stale_lock(tmp_path, holder):
     folder = tmp_path / "shards"
     first = holder(folder)
-    with pytest.raises(FolderInUse, match=rf"{folder} is in use: process {first.pid} on .* started 20\d\d-.* UTC"):
+    with pytest.raises(FolderInUse, match=rf"{folder} is being written by process {first.pid} on .* started 20\d\d-.* UTC"):
         with hold(folder, "advice"):
             pass
     kill_9(first)
@@ -90,7 +90,7 @@ def test_prepare_refuses_a_folder_another_process_writes(tmp_path, holder, text_
     first = holder(out)
     assert prepare.main([str(text_dir), str(out), "--vocab_size", "320"]) == 2
     error = capsys.readouterr().err
-    assert f"{out} is in use: process {first.pid}" in error and "choose another OUT_DIR" in error
+    assert f"{out} is being written by process {first.pid}" in error and "choose another OUT_DIR" in error
     assert not (out / "manifest.json").exists()
     kill_9(first)
     assert prepare.main([str(text_dir), str(out), "--vocab_size", "320"]) == 0
@@ -106,7 +106,7 @@ def test_a_data_cache_being_prepared_is_not_prepared_twice(tmp_path, holder, tex
                                               data_cache=str(cache))))
     assert main(["--config", str(config)]) == 1
     error = capsys.readouterr().err
-    assert f"{cache} is in use: process {first.pid}" in error and "preparing the token shards" in error
+    assert f"{cache} is being written by process {first.pid}" in error and "preparing the token shards" in error
     assert not (tmp_path / "run").exists()  # the failed start left nothing
     kill_9(first)
     assert main(["--config", str(config)]) == 0
@@ -132,7 +132,7 @@ def test_a_second_training_into_a_run_folder_is_refused_until_the_first_is_kille
         capsys.readouterr()
         assert main(["--out", str(run), "--resume", "--max_steps", "4"]) == 1
         error = capsys.readouterr().err
-        assert f"{run} is in use: process {first.pid}" in error and "pretrain.py --config" in error
+        assert f"{run} is being written by process {first.pid}" in error and "pretrain.py --config" in error
         assert "choose another --out" in error
         kill_9(first)
     finally:

@@ -194,34 +194,36 @@ def read_training_state(path: Path) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals(_NUMPY_RNG_STATE):
             state = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        code = _code_named(file)
+    except pickle.UnpicklingError as err:  # torch's message advises weights_only=False: not ours to pass on
+        code, problem = _code_named(file)
         if code:
             raise UnsafeCheckpoint(
                 f"{file} would run code if it were loaded ({', '.join(code)}), so it was not: iterative-llm never "
                 f"writes such a file. Do not resume from this run folder unless you know who changed it."
             ) from err
-        raise DamagedCheckpoint(f"{file} is corrupt ({_first_line(err)}).") from err
+        raise DamagedCheckpoint(f"{file} is corrupt ({problem or 'its content does not read back'}).") from err
     except Exception as err:  # a truncated zip, a missing file, an empty one: torch raises many types
-        raise DamagedCheckpoint(f"{file} is corrupt or missing ({type(err).__name__}: {_first_line(err)}).") from err
+        raise DamagedCheckpoint(f"{file} is corrupt or missing ({_first_line(err)}).") from err
     if not (isinstance(state, dict) and isinstance(state.get("optimizers"), list) and isinstance(state.get("rng"), dict)):
         raise DamagedCheckpoint(f"{file} does not hold optimizer and RNG states.")
     return state
 
 
-def _code_named(file: Path) -> list[str]:
-    """The functions and classes a torch.save file would call beyond the ones we allow (read without
-    unpickling); [] for a file that is not a torch.save file at all."""
+def _code_named(file: Path) -> tuple[list[str], str | None]:
+    """(the functions and classes a torch.save file would call beyond the ones we allow, read without
+    unpickling it; what is wrong with it when it is no torch.save file at all)."""
     allowed = {f"{kind.__module__}.{kind.__qualname__}" for kind in _NUMPY_RNG_STATE}
     try:
-        return [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(file) if name not in allowed]
-    except Exception:  # garbage, not a zip: damaged rather than crafted
-        return []
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(file)
+    except Exception as err:  # garbage, not a zip: damaged rather than crafted
+        return [], _first_line(err)
+    return [name for name in names if name not in allowed], None
 
 
 def _first_line(err: BaseException) -> str:
+    """'ValueError: the first line of its message' (torch's run to a page)."""
     lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def resume_checkpoint(run_dir: str | Path, model, optimizers, say=print) -> tuple[Path, dict[str, Any]]:

@@ -50,7 +50,7 @@ def hold(folder: str | Path, advice: str) -> Iterator[Path]:
         except BlockingIOError:
             holder = _describe(os.read(fd, 4096))
             os.close(fd)
-            raise FolderInUse(f"{folder} is in use: {holder} writes to it. {advice}") from None
+            raise FolderInUse(f"{folder} is being written by {holder}. {advice}") from None
         # A holder that made the folder removes the file as it lets go (above); a file locked just
         # then is no longer the one at `path`, and locking it would exclude nobody.
         try:
