@@ -368,9 +368,15 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, tex
     capsys.readouterr()
     assert main(["--out", str(run), "--resume", "--max_steps", "5"]) == 0
     out = capsys.readouterr().out
+    aside = run / "checkpoints" / "damaged-step_00000004"
     assert f"skipped checkpoint {damaged}: {damaged / 'training_state.pt'} is corrupt" in out
+    assert f"It is kept as {aside}." in out
     assert f"resumed from {run / 'checkpoints' / 'step_00000002'} (step 2" in out
     assert json.loads((run / "summary.json").read_text())["steps"] == 5
+    # Set aside, it is neither written over when the run saves step 4 again, nor counted as one to keep.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "damaged-step_00000004", "latest", "step_00000004", "step_00000005"]
+    assert len((aside / "training_state.pt").read_bytes()) == 2048
 
 
 def test_resume_never_deletes_a_damaged_checkpoint(tmp_path, capsys):
@@ -383,12 +389,16 @@ def test_resume_never_deletes_a_damaged_checkpoint(tmp_path, capsys):
     root = tmp_path / "checkpoints"
     (root / "step_00000003" / "training_state.pt").write_bytes(b"")
     (root / "step_00000002" / "trainer_state.json").write_text("{not json")
-    path, state = resume_checkpoint(tmp_path, tiny_model(), [torch.optim.AdamW(model.parameters())])
+    path, state = resume_checkpoint(tmp_path, tiny_model(), [torch.optim.AdamW(model.parameters())], set_aside=False)
     assert (path.name, state["step"]) == ("step_00000001", 1)
     out = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in out] == [f"skipped checkpoint {root / 'step_00000003'}",
                                                     f"skipped checkpoint {root / 'step_00000002'}"]
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002", "step_00000003"]
+    resume_checkpoint(tmp_path, tiny_model(), [torch.optim.AdamW(model.parameters())])  # set aside: renamed
+    assert sorted(p.name for p in root.iterdir()) == [
+        "damaged-step_00000002", "damaged-step_00000003", "latest", "step_00000001"]
+    assert (root / "damaged-step_00000003" / "training_state.pt").read_bytes() == b""
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, text_dir, monkeypatch):

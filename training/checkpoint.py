@@ -24,6 +24,7 @@ import os
 import pickle
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -226,14 +227,18 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
-def resume_checkpoint(run_dir: str | Path, model, optimizers, say=print) -> tuple[Path, dict[str, Any]]:
+def resume_checkpoint(run_dir: str | Path, model, optimizers, say=print, *,
+                      set_aside: bool = True) -> tuple[Path, dict[str, Any]]:
     """Load the newest intact checkpoint of `run_dir` into `model` and `optimizers`; (its path, its
     trainer state).
 
     A damaged newer one (a file missing, truncated or garbage) is skipped with a note saying which and
-    why, and left where it is. Anything else stops the resume: a checkpoint of another model or
-    optimizer setting (a settings mistake, which an older checkpoint shares) or one that would run
-    code (someone changed the folder; going back quietly would hide that).
+    why. With `set_aside` (the one process of a launch that writes the run folder) it is renamed
+    `damaged-step_...`, kept for a look but out of the way: the run will save that step again, and
+    `keep_checkpoints` would count it as one of the checkpoints to keep. Nothing is deleted.
+    Anything else stops the resume: a checkpoint of another model or optimizer setting (a settings
+    mistake, which an older checkpoint shares) or one that would run code (someone changed the folder;
+    going back quietly would hide that).
     """
     newest = latest_checkpoint(run_dir)
     if newest is None:
@@ -245,11 +250,19 @@ def resume_checkpoint(run_dir: str | Path, model, optimizers, say=print) -> tupl
         try:
             state = load_checkpoint(path, model, optimizers)
         except DamagedCheckpoint as err:
-            say(f"skipped checkpoint {path}: {err} It is left as it is.")
-            skipped.append(path.name)
+            skipped.append((path, err))
             continue
+        for damaged, err in skipped:
+            where = "It is left as it is."
+            if set_aside:
+                aside = damaged.with_name(f"damaged-{damaged.name}")
+                if aside.exists():  # one from an earlier resume
+                    aside = aside.with_name(f"{aside.name}-{int(time.time())}")
+                os.replace(damaged, aside)
+                where = f"It is kept as {aside}."
+            say(f"skipped checkpoint {damaged}: {err} {where}")
         return path, state
     raise CheckpointError(
-        f"No intact checkpoint in {checkpoint_root(run_dir)} (damaged: {', '.join(skipped)}; nothing was deleted). "
-        f"Start a new run with another --out."
+        f"No intact checkpoint in {checkpoint_root(run_dir)} (damaged: {', '.join(p.name for p, _ in skipped)}; "
+        f"nothing was deleted). Start a new run with another --out."
     )

@@ -279,7 +279,7 @@ def set_up(config: TrainConfig, model_factory=None) -> Run:
 
     state = {"step": 0, "tokens": 0, "time": 0.0}
     if resume_from is not None:
-        resume_from, state = resume_checkpoint(out, raw_model, optimizers, say)  # the newest intact one
+        resume_from, state = resume_checkpoint(out, raw_model, optimizers, say, set_aside=main_process)
         check_resume_settings(state, config, tokens_per_step)
         say(f"resumed from {resume_from} (step {state['step']}, {state['tokens']:,} tokens)")
     if main_process:
