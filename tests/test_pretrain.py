@@ -264,6 +264,39 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypat
     assert latest_checkpoint(tmp_path).name == "step_00000001"
 
 
+def test_a_full_disk_is_recognised_through_the_errors_torch_and_safetensors_wrap_it_in(tmp_path, monkeypatch):
+    """On a real full disk torch.save raises a RuntimeError ("unexpected pos") and safetensors a
+    SafetensorError, not the OSError: the disk itself, or the message, says it is full."""
+    import shutil
+    from collections import namedtuple
+
+    model = tiny_model()
+    optimizers = [torch.optim.AdamW(model.parameters())]
+    save_checkpoint(tmp_path, model, optimizers, {"step": 1, "tokens": 0, "time": 0.0})
+    usage = namedtuple("usage", "total used free")
+
+    def torch_on_a_full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3176960 vs 3176848")
+
+    class SafetensorError(Exception):
+        pass
+
+    def safetensors_on_a_full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", torch_on_a_full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 0))
+    with pytest.raises(CheckpointError, match=r"disk is full.*step_00000002. The previous checkpoint .*step_00000001 is"):
+        save_checkpoint(tmp_path, model, optimizers, {"step": 2, "tokens": 0, "time": 0.0})
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 0, 10**9))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with room to spare: not a full disk, a bug
+        save_checkpoint(tmp_path, model, optimizers, {"step": 2, "tokens": 0, "time": 0.0})
+    monkeypatch.setattr(model, "save_pretrained", safetensors_on_a_full_disk)
+    with pytest.raises(CheckpointError, match=r"disk is full"):
+        save_checkpoint(tmp_path, model, optimizers, {"step": 2, "tokens": 0, "time": 0.0})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000001"]
+
+
 def test_full_disk_during_the_export_keeps_the_model_folder_and_the_checkpoint(tmp_path, text_dir, monkeypatch, capsys):
     from iterative_llm import IterativeLLMForCausalLM
     from training.pretrain import main

@@ -109,10 +109,14 @@ def save_checkpoint(run_dir: str | Path, model, optimizers, trainer_state: dict[
             shutil.rmtree(final)
         os.replace(tmp, final)
         _atomic_write_text(root / "latest", final.name)
-    except OSError as err:
+    except Exception as err:
+        kept = (f"The previous checkpoint {previous} is intact." if previous and previous != final else
+                f"The checkpoint this step already had is intact." if previous else "No earlier checkpoint exists.")
+        failure = write_failure(err, root, f"checkpoint {final}", kept, resumable=previous is not None)
         shutil.rmtree(tmp, ignore_errors=True)
-        kept = f"The previous checkpoint {previous} is intact." if previous else "No earlier checkpoint exists."
-        raise write_error(err, f"checkpoint {final}", kept) from err
+        if failure is None:
+            raise
+        raise failure from err
 
     # Prune the oldest complete checkpoints beyond `keep`.
     complete = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
@@ -121,13 +125,33 @@ def save_checkpoint(run_dir: str | Path, model, optimizers, trainer_state: dict[
     return final
 
 
-def write_error(err: OSError, what: str, kept: str) -> CheckpointError:
+def write_failure(err: Exception, folder: Path, what: str, kept: str, *, resumable: bool) -> CheckpointError | None:
     """The one-line error for a checkpoint or an export that could not be written: what was lost, what
-    is intact (`kept`), and how to go on. A full disk says so by name."""
-    if err.errno == errno.ENOSPC:
+    is intact (`kept`), and how to go on; None when `err` is no failure to write (a bug: raise it as it is).
+
+    Call it before removing what was half written: a full disk is recognised by its errno, or, since
+    torch.save and safetensors wrap that OSError in errors of their own (a RuntimeError "unexpected pos",
+    a SafetensorError "... No space left on device (os error 28)"), by their message or by the disk
+    itself having no room left in `folder`.
+    """
+    full = (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        os.strerror(errno.ENOSPC) in str(err))
+    if not full:
+        try:
+            full = shutil.disk_usage(folder).free < _FULL_BELOW
+        except OSError:
+            pass
+    if not (full or isinstance(err, OSError)):
+        return None
+    then = "run again with --resume" if resumable else "start the run again"
+    if full:
         return CheckpointError(f"The disk is full: could not write {what}. {kept} Free some space (or point --out "
-                               f"at another disk) and run again with --resume.")
+                               f"at another disk) and {then}.")
     return CheckpointError(f"Could not write {what}: {err}. {kept}")
+
+
+# Free space below which a failed write is taken for a full disk (a write of a few MB just failed).
+_FULL_BELOW = 1 << 20
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -13,7 +13,7 @@ from transformers import GenerationConfig
 from iterative_llm import run_folder
 from iterative_llm.tokenization import END_OF_TURN
 
-from .checkpoint import latest_checkpoint, write_error
+from .checkpoint import latest_checkpoint, write_failure
 from .generate import TEMPERATURE, TOP_K
 from .versions import package_versions
 
@@ -98,11 +98,14 @@ def export_model_folder(out: str | Path, model, tokenizer, summary: dict) -> Non
         _write_model_folder(staging, out, model, tokenizer, summary)
         for item in sorted(staging.iterdir()):
             os.replace(item, out / item.name)
-    except OSError as err:
+    except Exception as err:
         newest = latest_checkpoint(out)
         kept = (f"The run's checkpoint {newest} is intact (a --resume exports from it)."
                 if newest else "The run has no checkpoint.")
-        raise write_error(err, f"the model folder {out}", kept) from err
+        failure = write_failure(err, out, f"the model folder {out}", kept, resumable=newest is not None)
+        if failure is None:
+            raise
+        raise failure from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
