@@ -110,9 +110,8 @@ def export_model_folder(out: str | Path, model, tokenizer, summary: dict) -> Non
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_model_folder(folder: Path, run: Path, model, tokenizer, summary: dict) -> None:
-    """The model folder's files in `folder`, from the metrics of the run folder `run`."""
-    out = folder
+def _write_model_folder(out: Path, run: Path, model, tokenizer, summary: dict) -> None:
+    """The model folder's files in `out`, from the metrics of the run folder `run`."""
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
