@@ -67,6 +67,7 @@ def test_a_second_writer_is_refused_with_the_first_named_and_a_kill_leaves_no_st
         with hold(folder, "advice"):
             pass
     kill_9(first)
+    assert (folder / run_folder.LOCK).is_file()  # left by the kill, and no obstacle:
     with hold(folder, "advice") as lock:  # at once: the kernel let go of the lock with the process
         assert lock == folder / run_folder.LOCK
         with pytest.raises(FolderInUse, match=rf"process {os.getpid()} "):  # one holder in a process, too
@@ -74,6 +75,7 @@ def test_a_second_writer_is_refused_with_the_first_named_and_a_kill_leaves_no_st
                 pass
     with hold(folder, "advice"):  # let go at the end of the block
         pass
+    assert not (folder / run_folder.LOCK).exists()
 
 
 def test_a_lock_that_made_its_folder_leaves_none_when_nothing_was_written(tmp_path):

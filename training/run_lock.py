@@ -8,8 +8,8 @@ The lock is the operating system's (`fcntl.flock` on FOLDER/.iterative-llm.lock)
 the process: it goes when the process ends, however it ends (a crash, Ctrl-C, kill -9), and there is
 never a stale lock to clean up. The file's content (process id, host, start time, command) is only
 for the message a second writer gets; whether the folder is taken is the kernel's answer alone.
-The file itself stays after the run: removing it while another process waits on it would let two
-processes each lock a different file of the same name.
+The holder removes the file as it lets go, so a folder holds one only while it is being written (or
+after a kill, harmlessly: the next holder takes it over).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def hold(folder: str | Path, advice: str) -> Iterator[Path]:
     """Hold `folder` (made if missing) against every other writer until the block ends.
 
     A second holder, in this process or another, gets FolderInUse with the first one's process id,
-    command and start time, then `advice`. A folder this call made and nothing else wrote to is
-    removed again at the end, so that a start which fails at once leaves nothing behind.
+    command and start time, then `advice`. The lock file goes at the end, and so does a folder this
+    call made and nothing else wrote to, so that a start which fails at once leaves nothing behind.
     """
     folder = Path(folder)
     made = not folder.exists()
@@ -51,8 +51,8 @@ def hold(folder: str | Path, advice: str) -> Iterator[Path]:
             holder = _describe(os.read(fd, 4096))
             os.close(fd)
             raise FolderInUse(f"{folder} is being written by {holder}. {advice}") from None
-        # A holder that made the folder removes the file as it lets go (above); a file locked just
-        # then is no longer the one at `path`, and locking it would exclude nobody.
+        # A holder removes the file as it lets go (below): a file locked just then is no longer the
+        # one at `path`, and holding it would exclude nobody.
         try:
             current = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -68,12 +68,12 @@ def hold(folder: str | Path, advice: str) -> Iterator[Path]:
                                  "command": command}).encode())
         yield path
     finally:
-        if made and [p.name for p in folder.iterdir()] == [run_folder.LOCK]:
-            path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # while still held: see the check after flock above
+        if made:
             try:
                 folder.rmdir()
             except OSError:
-                pass  # something was written there meanwhile
+                pass  # not empty: the folder is in use
         os.close(fd)  # lets go of the lock
 
 
