@@ -577,9 +577,8 @@ def _prepare_killed_at(event: int, argv: list[str]) -> bool:
 
 
 def _folder_bytes(folder) -> dict:
-    """Every file of a shard folder (the tokenizer's too) and its bytes, but for the writer's lock."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".iterative-llm.lock"}
+    """Every file of a shard folder (the tokenizer's, hidden ones too) and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("kind", ["documents", "books"])

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from iterative_llm import run_folder
 from training import prepare
 from training.checkpoint import latest_checkpoint
-from training.run_lock import FolderInUse, hold
+from training.run_lock import LOCK_FILE, FolderInUse, hold
 
 from .conftest import process_alive
 from .test_pretrain import settings, text_dir  # noqa: F401 (a fixture)
@@ -67,15 +66,15 @@ def test_a_second_writer_is_refused_with_the_first_named_and_a_kill_leaves_no_st
         with hold(folder, "advice"):
             pass
     kill_9(first)
-    assert (folder / run_folder.LOCK).is_file()  # left by the kill, and no obstacle:
+    assert (folder / LOCK_FILE).is_file()  # left by the kill, and no obstacle:
     with hold(folder, "advice") as lock:  # at once: the kernel let go of the lock with the process
-        assert lock == folder / run_folder.LOCK
+        assert lock == folder / LOCK_FILE
         with pytest.raises(FolderInUse, match=rf"process {os.getpid()} "):  # one holder in a process, too
             with hold(folder, "advice"):
                 pass
     with hold(folder, "advice"):  # let go at the end of the block
         pass
-    assert not (folder / run_folder.LOCK).exists()
+    assert not (folder / LOCK_FILE).exists()
 
 
 def test_a_lock_that_made_its_folder_leaves_none_when_nothing_was_written(tmp_path):

@@ -24,7 +24,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from iterative_llm import run_folder
+# In any folder held, run or shard folder alike. This module imports nothing of the package, so that
+# a process holding a lock (in the tests, say) starts in a moment.
+LOCK_FILE = ".iterative-llm.lock"
 
 
 class FolderInUse(OSError):
@@ -42,7 +44,7 @@ def hold(folder: str | Path, advice: str) -> Iterator[Path]:
     folder = Path(folder)
     made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / run_folder.LOCK
+    path = folder / LOCK_FILE
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
