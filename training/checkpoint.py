@@ -111,7 +111,7 @@ def save_checkpoint(run_dir: str | Path, model, optimizers, trainer_state: dict[
         _atomic_write_text(root / "latest", final.name)
     except Exception as err:
         kept = (f"The previous checkpoint {previous} is intact." if previous and previous != final else
-                f"The checkpoint this step already had is intact." if previous else "No earlier checkpoint exists.")
+                "The checkpoint this step already had is intact." if previous else "No earlier checkpoint exists.")
         failure = write_failure(err, root, f"checkpoint {final}", kept, resumable=previous is not None)
         shutil.rmtree(tmp, ignore_errors=True)
         if failure is None:
