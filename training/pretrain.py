@@ -22,6 +22,7 @@ compiled-gradient check runs in the warm-up (training/step.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM, run_folde
 from iterative_llm.tokenization import check_tokenizer_matches_model, token_byte_lengths
 
 from .batches import RandomWindowBatches
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, resume_checkpoint, save_checkpoint
 # build_parser: every stage module has one (`iterative-llm train`'s lives in config.py).
 from .config import TrainConfig, build_parser, parse_args, scalar_settings, write_run_config  # noqa: F401
 from .evaluate import evaluate, flops_per_token, hardware, peak_flops, sample
@@ -48,6 +49,7 @@ from .machine import choose_threads, cpu_description
 from .multiple_choice import hellaswag_in_run
 from .optim import apply_lr, apply_muon_momentum, build_optimizers, lr_multiplier, muon_momentum
 from .prepare import ShardSettingsError, prepare_shards, tokenizer_for
+from .run_lock import FolderInUse, hold
 from .shards import MANIFEST, ShardedDataset
 from .step import compile_model, eagerly, to_model_inputs, train_step, warm_up_compiled
 from .versions import package_versions
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(config)
         code = 0
-    except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as err:
+    except (TrainingError, CheckpointError, FolderInUse, ValueError, FileNotFoundError) as err:
         print(f"iterative-llm train: {err}", file=sys.stderr)
     except BaseException:
         if not _several_processes():
@@ -97,6 +99,20 @@ def train(config: TrainConfig, model_factory=None) -> dict:
     `model_factory(model_config)`, if given, builds the model to train instead of
     IterativeLLMForCausalLM (benchmarks put a GPT-2 baseline through the same pipeline this way).
     """
+    # One writer per run folder (training/run_lock.py). The processes of one launch write it together, so
+    # only the first holds it (RANK: the global rank torchrun and `accelerate launch` set; unset alone).
+    first_process = int(os.environ.get("RANK", "0")) == 0
+    with hold(config.out, RUN_IN_USE) if first_process else contextlib.nullcontext():
+        return _train(config, model_factory)
+
+
+RUN_IN_USE = ("Two trainings in one folder write over each other's checkpoints and model: wait for that one to end "
+              "(or stop it: Ctrl-C saves a checkpoint), then --resume; or choose another --out.")
+DATA_IN_USE = ("It is preparing the token shards; start again when it is done (they are then reused), "
+               "or choose another --data_cache.")
+
+
+def _train(config: TrainConfig, model_factory=None) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # checkpoint writes would each draw a bar inside the training bar
@@ -271,7 +287,7 @@ def set_up(config: TrainConfig, model_factory=None) -> Run:
 
     state = {"step": 0, "tokens": 0, "time": 0.0}
     if resume_from is not None:
-        state = load_checkpoint(resume_from, raw_model, optimizers)
+        resume_from, state = resume_checkpoint(out, raw_model, optimizers, say, set_aside=main_process)
         check_resume_settings(state, config, tokens_per_step)
         say(f"resumed from {resume_from} (step {state['step']}, {state['tokens']:,} tokens)")
     if main_process:
@@ -325,13 +341,15 @@ def _prepared_data(config: TrainConfig, accelerator, out: Path, say):
         return tokenizer_for(
             config.data, data_dir, tokenizer=config.tokenizer, vocab_size=vocab_size,
             text_column=config.text_column, doc_separator=config.doc_separator,
-            max_documents=config.max_documents, train_chars=config.tokenizer_train_chars, say=say,
+            max_documents=config.max_documents, train_chars=config.tokenizer_train_chars,
+            on_decode_error=config.on_decode_error, say=say,
         )
 
     try:
         if main_process:
-            tokenizer = the_tokenizer()  # trained and saved in the data folder if it has none
-            _prepare_shards(config, tokenizer, data_dir, out)
+            with hold(data_dir, DATA_IN_USE):  # a --data_cache is shared: one run prepares it at a time
+                tokenizer = the_tokenizer()  # trained and saved in the data folder if it has none
+                _prepare_shards(config, tokenizer, data_dir, out)
         accelerator.wait_for_everyone()
         if not main_process:
             tokenizer = the_tokenizer()  # the main process's, saved by now
@@ -351,7 +369,7 @@ def _prepare_shards(config: TrainConfig, tokenizer, data_dir: Path, out: Path) -
         prepare_shards(
             config.data, tokenizer, data_dir, text_column=config.text_column, doc_separator=config.doc_separator,
             val_source=config.val_data, val_fraction=config.val_fraction, max_documents=config.max_documents,
-            progress=config.progress,
+            on_decode_error=config.on_decode_error, progress=config.progress,
         )
     except ShardSettingsError as err:
         made_from = err.manifest.get("paths", {}).get("source")
