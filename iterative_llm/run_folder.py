@@ -11,6 +11,7 @@ writes it (training.pretrain, .checkpoint, .config, .export, .generate; compare 
       summary.json      the run's final figures, written with the model folder at the end
       loss_curve.png    the model card's picture
       config.json, model.safetensors, tokenizer files, README.md (the model card): a model folder
+      .iterative-llm.lock  there while a process writes the folder (training/run_lock.py); a shard folder's too
 
 It lives in iterative_llm/ rather than training/ because compare (here) reads run folders, and
 imports go one way only: training imports iterative_llm, never the reverse.

@@ -527,3 +527,163 @@ def test_command_line_prepares_a_folder(sources, tokenizer, tmp_path):
             "--val-fraction", str(VAL_FRACTION), "--shard-tokens", "400"]
     assert data.main(args) == 0
     assert ShardedDataset.open(tmp_path / "out").split("val").num_documents > 0
+
+
+# ---------------------------------------------------------------- kill -9 at every write of `prepare`
+
+
+def _prepare_killed_at(event: int, argv: list[str]) -> bool:
+    """`iterative-llm prepare ARGV` in a forked child that kills itself (SIGKILL: no clean-up runs) just
+    before its `event`-th write: a file opened for writing, a rename or a removal. True if it was killed,
+    False if it finished with fewer writes. A fork starts at once, with everything already imported."""
+    import builtins
+    import contextlib
+    import io
+    import os
+    import signal
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            count = [0]
+            real_open, real_replace, real_unlink = builtins.open, os.replace, os.unlink
+
+            def tick():
+                count[0] += 1
+                if count[0] == event:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            def writing_open(file, mode="r", *args, **kwargs):
+                if any(flag in mode for flag in "wax+"):
+                    tick()
+                return real_open(file, mode, *args, **kwargs)
+
+            def replace(*args, **kwargs):
+                tick()
+                return real_replace(*args, **kwargs)
+
+            def unlink(*args, **kwargs):
+                tick()
+                return real_unlink(*args, **kwargs)
+
+            builtins.open = io.open = writing_open
+            os.replace, os.unlink = replace, unlink
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                data.main(argv)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def _folder_bytes(folder) -> dict:
+    """Every file of a shard folder (the tokenizer's, hidden ones too) and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", ["documents", "books"])
+def test_prepare_killed_at_any_write_then_rerun_makes_the_same_folder(kind, tmp_path, capsys):
+    """kill -9 before each write of `iterative-llm prepare` in turn (the tokenizer, every shard, every
+    manifest), then the same command again: the folder is byte for byte the uninterrupted one's.
+    "documents": many, split by document into several shards; "books": three, too few to split by
+    document, so a first pass is thrown away for the held-out-tails pass (both are killed)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    if kind == "documents":
+        for i, doc in enumerate(DOCS):
+            (source / f"doc{i:03d}.txt").write_text(doc)
+    else:
+        for b in range(3):
+            (source / f"book{b}.txt").write_text("\n\n".join(f"Book {b}, chapter {i}. " + DOCS[(b * 7 + i) % len(DOCS)]
+                                                             for i in range(20)) + "\n")
+    argv = lambda out: [str(source), str(out), "--vocab_size", "300", "--shard_tokens", "2000",  # noqa: E731
+                        "--val_fraction", str(VAL_FRACTION)]
+    assert data.main(argv(tmp_path / "straight")) == 0
+    straight = _folder_bytes(tmp_path / "straight")
+    shards = len([name for name in straight if name.endswith(".bin")])
+    event = 0
+    while True:
+        event += 1
+        out = tmp_path / f"killed{event}"
+        if not _prepare_killed_at(event, argv(out)):
+            break
+        assert data.main(argv(out)) == 0, capsys.readouterr().err
+        assert _folder_bytes(out) == straight, f"killed before write {event}"
+    assert event > 4 * shards  # each shard alone is written in four steps, and each was a kill point
+
+
+# ---------------------------------------------------------------- files that are not UTF-8
+
+
+@pytest.fixture
+def latin1_folder(tmp_path):
+    """Twenty UTF-8 documents and one Latin-1 file (as old text files often are)."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i, doc in enumerate(DOCS[:20]):
+        (folder / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
+    (folder / "old.txt").write_bytes("Café crème, naïve façade, déjà vu. ".encode("latin-1") * 20)
+    return folder
+
+
+def test_a_file_that_is_not_utf8_stops_prepare_by_default_naming_it_and_the_option(latin1_folder, tmp_path, capsys):
+    assert data.main([str(latin1_folder), str(tmp_path / "out"), "--vocab_size", "300"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{latin1_folder / 'old.txt'} is not UTF-8 text" in error and "--on_decode_error replace" in error
+
+
+@pytest.mark.parametrize("choice", ["replace", "skip"])
+def test_files_that_are_not_utf8_are_replaced_or_skipped_counted_and_said(choice, latin1_folder, tmp_path, capsys):
+    out = tmp_path / choice
+    size = (latin1_folder / "old.txt").stat().st_size
+    args = [str(latin1_folder), str(out), "--vocab_size", "300", "--val_fraction", "0.2"]
+    assert data.main([*args, "--on_decode_error", choice]) == 0
+    error = capsys.readouterr().err
+    assert f"note: 1 file not UTF-8 ({size:,} bytes), each " in error and str(latin1_folder / "old.txt") in error
+    assert error.splitlines()[-1].startswith("train on it: ") and error.endswith(f"--on_decode_error {choice}\n")
+    manifest = json.loads((out / data.MANIFEST).read_text())
+    assert manifest["on_decode_error"] == choice
+    assert manifest["progress"]["source"]["not_utf8"] == {"files": 1, "bytes": size,
+                                                          "first_files": [str(latin1_folder / "old.txt")]}
+    dataset = ShardedDataset.open(out)
+    tokenizer = AutoTokenizer.from_pretrained(out / data.TOKENIZER_DIR)
+    texts = [split.decode_document(i, tokenizer) for split in (dataset.split("train"), dataset.split("val"))
+             for i in range(split.num_documents)]
+    assert len(texts) == (21 if choice == "replace" else 20)
+    assert any(text.startswith("Caf\ufffd cr\ufffdme") for text in texts) == (choice == "replace")
+
+    # Reuse: the same choice reuses the shards; another choice would change them, and is refused.
+    assert data.main([*args, "--on_decode_error", choice]) == 0
+    assert "reusing the finished shards" in capsys.readouterr().err
+    other = "skip" if choice == "replace" else "replace"
+    assert data.main([*args, "--on_decode_error", other]) == 2
+    assert f"prepared with --on_decode_error {choice} (1 file not UTF-8). Pass --on_decode_error {choice}" in (
+        capsys.readouterr().err)
+
+
+def test_the_decode_choice_changes_nothing_for_utf8_text_so_its_shards_are_reused(sources, tokenizer, tmp_path):
+    first = _prepare(sources["jsonl.gz"], tokenizer, tmp_path)
+    again = prepare_shards(str(sources["jsonl.gz"]), tokenizer, tmp_path, val_fraction=VAL_FRACTION,
+                           on_decode_error="skip", progress=False)
+    assert _shard_bytes(again) == _shard_bytes(first)
+    manifest = json.loads((tmp_path / data.MANIFEST).read_text())
+    assert "not_utf8" not in manifest["progress"]["source"]
+
+
+def test_train_takes_the_decode_choice_and_refuses_an_unknown_one(latin1_folder, tmp_path, capsys):
+    import yaml
+
+    from training.config import parse_args
+    from training.pretrain import main
+
+    from .test_pretrain import settings
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(settings(latin1_folder, tmp_path / "run", max_steps=1, eval_every=0)))
+    assert main(["--config", str(config)]) == 1
+    assert f"{latin1_folder / 'old.txt'} is not UTF-8 text" in capsys.readouterr().err
+    assert main(["--config", str(config), "--on_decode_error", "skip"]) == 0
+    manifest = json.loads((tmp_path / "run" / "data" / data.MANIFEST).read_text())
+    assert manifest["progress"]["source"]["not_utf8"]["files"] == 1
+    with pytest.raises(ValueError, match="`on_decode_error` must be one of 'stop', 'replace', 'skip', got 'ignore'"):
+        parse_args(["--on_decode_error", "ignore"])

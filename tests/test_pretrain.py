@@ -280,6 +280,69 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypat
     assert latest_checkpoint(tmp_path).name == "step_00000001"
 
 
+def test_a_full_disk_is_recognised_through_the_errors_torch_and_safetensors_wrap_it_in(tmp_path, monkeypatch):
+    """On a real full disk torch.save raises a RuntimeError ("unexpected pos") and safetensors a
+    SafetensorError, not the OSError: the disk itself, or the message, says it is full."""
+    import shutil
+    from collections import namedtuple
+
+    model = tiny_model()
+    optimizers = [torch.optim.AdamW(model.parameters())]
+    save_checkpoint(tmp_path, model, optimizers, {"step": 1, "tokens": 0, "time": 0.0})
+    usage = namedtuple("usage", "total used free")
+
+    def torch_on_a_full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3176960 vs 3176848")
+
+    class SafetensorError(Exception):
+        pass
+
+    def safetensors_on_a_full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", torch_on_a_full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 0))
+    with pytest.raises(CheckpointError, match=r"disk is full.*step_00000002. The previous checkpoint .*step_00000001 is"):
+        save_checkpoint(tmp_path, model, optimizers, {"step": 2, "tokens": 0, "time": 0.0})
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 0, 10**9))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with room to spare: not a full disk, a bug
+        save_checkpoint(tmp_path, model, optimizers, {"step": 2, "tokens": 0, "time": 0.0})
+    monkeypatch.setattr(model, "save_pretrained", safetensors_on_a_full_disk)
+    with pytest.raises(CheckpointError, match=r"disk is full"):
+        save_checkpoint(tmp_path, model, optimizers, {"step": 2, "tokens": 0, "time": 0.0})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000001"]
+
+
+def test_full_disk_during_the_export_keeps_the_model_folder_and_the_checkpoint(tmp_path, text_dir, monkeypatch, capsys):
+    from iterative_llm import IterativeLLMForCausalLM
+    from training.pretrain import main
+
+    run = tmp_path / "run"
+    train(build_config(settings(text_dir, run, max_steps=2, eval_every=0)))
+    exported = {name: (run / name).read_bytes() for name in ("model.safetensors", "config.json", "README.md")}
+    original = IterativeLLMForCausalLM.save_pretrained
+
+    def full(self, folder, *args, **kwargs):
+        if "checkpoints" in Path(folder).parts:  # checkpoints still fit; the model folder does not
+            return original(self, folder, *args, **kwargs)
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"the first bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(IterativeLLMForCausalLM, "save_pretrained", full)
+    capsys.readouterr()
+    assert main(["--out", str(run), "--resume", "--max_steps", "3"]) == 1
+    checkpoint = run / "checkpoints" / "step_00000003"
+    assert (f"The disk is full: could not write the model folder {run}. The run's checkpoint {checkpoint} is intact"
+            in capsys.readouterr().err)
+    assert {name: (run / name).read_bytes() for name in exported} == exported  # the previous export, whole
+    assert not list(run.glob(".export-*"))
+    monkeypatch.undo()
+    assert main(["--out", str(run), "--resume"]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    assert (run / "model.safetensors").read_bytes() != exported["model.safetensors"]
+
+
 def test_corrupt_and_mismatched_checkpoints_are_named(tmp_path, text_dir):
     run = tmp_path / "run"
     train(build_config(settings(text_dir, run, max_steps=2, eval_every=0)))
@@ -288,8 +351,103 @@ def test_corrupt_and_mismatched_checkpoints_are_named(tmp_path, text_dir):
                                     model={**settings(text_dir, run)["model"], "hidden_size": 48})))
     weights = latest_checkpoint(run) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=r"is corrupt.*Delete that folder"):
+    with pytest.raises(CheckpointError, match=r"No intact checkpoint .*damaged: step_00000002; nothing was deleted"):
         train(build_config(settings(text_dir, run, resume=True, max_steps=4)))
+    assert weights.is_file()
+
+
+class RunsCode:
+    """What a crafted training_state.pt holds: unpickling it runs a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, text_dir, capsys):
+    from training.pretrain import main
+
+    run = tmp_path / "run"
+    train(build_config(settings(text_dir, run, max_steps=2, eval_every=0)))
+    marker = tmp_path / "MARKER"
+    crafted = latest_checkpoint(run) / "training_state.pt"
+    torch.save({"optimizers": [RunsCode(marker)], "rng": {}}, crafted)
+    capsys.readouterr()
+    assert main(["--out", str(run), "--resume", "--max_steps", "3"]) == 1
+    assert not marker.exists()
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and str(crafted) in error and "would run code" in error and "system" in error
+
+
+def test_checkpoints_of_every_earlier_version_still_load(tmp_path):
+    """Checkpoints have always held the numpy RNG state (an ndarray) and, before torch.optim.Muon, our
+    Muon's groups with an "ns_dtype" (a torch.dtype): both load without unpickling code."""
+    from training.optim import build_optimizers
+
+    model = tiny_model()
+    optimizers = build_optimizers(model)
+    model(torch.ones(1, 4, dtype=torch.long), labels=torch.ones(1, 4, dtype=torch.long)).loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    path = save_checkpoint(tmp_path, model, optimizers, {"step": 1, "tokens": 0, "time": 0.0})
+    state = torch.load(path / "training_state.pt", weights_only=False)  # our own file: a test may trust it
+    assert type(state["rng"]["numpy"][1]).__module__ == "numpy"
+    muon = state["optimizers"][0]
+    muon["param_groups"] = [{k: g[k] for k in ("lr", "momentum", "nesterov", "weight_decay", "ns_steps", "name",
+                                               "initial_lr", "params")} | {"ns_dtype": torch.float32}
+                            for g in muon["param_groups"]]
+    torch.save(state, path / "training_state.pt")
+    fresh = tiny_model(seed=1)
+    fresh_optimizers = build_optimizers(fresh)
+    assert load_checkpoint(path, fresh, fresh_optimizers)["step"] == 1
+    assert torch.equal(fresh.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert "ns_dtype" not in fresh_optimizers[0].param_groups[0]
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, text_dir, capsys):
+    from training.pretrain import main
+
+    run = tmp_path / "run"
+    train(build_config(settings(text_dir, run, max_steps=4, eval_every=0, checkpoint_every=2)))
+    damaged = latest_checkpoint(run)
+    assert damaged.name == "step_00000004"
+    (damaged / "training_state.pt").write_bytes(os.urandom(2048))
+    capsys.readouterr()
+    assert main(["--out", str(run), "--resume", "--max_steps", "5"]) == 0
+    out = capsys.readouterr().out
+    aside = run / "checkpoints" / "damaged-step_00000004"
+    assert f"skipped checkpoint {damaged}: {damaged / 'training_state.pt'} is corrupt" in out
+    assert f"It is kept as {aside}." in out
+    assert f"resumed from {run / 'checkpoints' / 'step_00000002'} (step 2" in out
+    assert json.loads((run / "summary.json").read_text())["steps"] == 5
+    # Set aside, it is neither written over when the run saves step 4 again, nor counted as one to keep.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "damaged-step_00000004", "latest", "step_00000004", "step_00000005"]
+    assert len((aside / "training_state.pt").read_bytes()) == 2048
+
+
+def test_resume_never_deletes_a_damaged_checkpoint(tmp_path, capsys):
+    from training.checkpoint import resume_checkpoint
+
+    model = tiny_model()
+    optimizers = [torch.optim.AdamW(model.parameters())]
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, model, optimizers, {"step": step, "tokens": 0, "time": 0.0}, keep=3)
+    root = tmp_path / "checkpoints"
+    (root / "step_00000003" / "training_state.pt").write_bytes(b"")
+    (root / "step_00000002" / "trainer_state.json").write_text("{not json")
+    path, state = resume_checkpoint(tmp_path, tiny_model(), [torch.optim.AdamW(model.parameters())], set_aside=False)
+    assert (path.name, state["step"]) == ("step_00000001", 1)
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == [f"skipped checkpoint {root / 'step_00000003'}",
+                                                    f"skipped checkpoint {root / 'step_00000002'}"]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002", "step_00000003"]
+    resume_checkpoint(tmp_path, tiny_model(), [torch.optim.AdamW(model.parameters())])  # set aside: renamed
+    assert sorted(p.name for p in root.iterdir()) == [
+        "damaged-step_00000002", "damaged-step_00000003", "latest", "step_00000001"]
+    assert (root / "damaged-step_00000003" / "training_state.pt").read_bytes() == b""
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, text_dir, monkeypatch):

@@ -30,6 +30,7 @@ from iterative_llm.command_line import CommandParser, HelpFormatter, did_you_mea
 
 from .budget import parse_duration
 from .prepare import TOKENIZER_TRAIN_CHARS
+from .sources import ON_DECODE_ERROR
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -59,6 +60,8 @@ class TrainConfig:
     val_data: str | None = setting(None, "a separate validation source (else a share of the documents is held out)")
     val_fraction: float = setting(0.02, "the share of the data held out for validation when --val_data is not given")
     max_documents: int | None = setting(None, "read at most this many documents (hub datasets are large)")
+    on_decode_error: str = setting("stop", "a file that is not UTF-8: stop (and name it), replace (its bad bytes "
+                                           "become U+FFFD) or skip (leave it out)")
     data_cache: str | None = setting(None, "folder of the token shards and tokenizer, to share between runs; none = OUT/data")
     tokenizer: str | None = setting(None, "a tokenizer folder; none = train a byte-level BPE on the data")
     tokenizer_train_chars: int = setting(TOKENIZER_TRAIN_CHARS, "characters of the corpus the tokenizer is trained on")
@@ -378,6 +381,9 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
         raise ValueError(f"`schedule` must be 'wsd' or 'cosine', got {config.schedule!r}.")
     if config.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ValueError(f"`precision` must be 'auto', 'bf16', 'fp16' or 'fp32', got {config.precision!r}.")
+    if config.on_decode_error not in ON_DECODE_ERROR:
+        raise ValueError(f"`on_decode_error` must be one of {', '.join(map(repr, ON_DECODE_ERROR))}, "
+                         f"got {config.on_decode_error!r}.")
     if config.report_to not in ("tensorboard", "wandb", "none"):
         raise ValueError(f"`report_to` must be 'tensorboard', 'wandb' or 'none', got {config.report_to!r}.")
     if config.time_budget is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from transformers import GenerationConfig
 from iterative_llm import run_folder
 from iterative_llm.tokenization import END_OF_TURN
 
+from .checkpoint import latest_checkpoint, write_failure
 from .generate import TEMPERATURE, TOP_K
 from .versions import package_versions
 
@@ -80,8 +83,35 @@ def fill_model_card(values: dict) -> str:
 
 
 def export_model_folder(out: str | Path, model, tokenizer, summary: dict) -> None:
-    """Write weights, config, tokenizer, generation config, model card, loss curve and summary."""
+    """Write weights, config, tokenizer, generation config, model card, loss curve and summary into the
+    run folder `out`.
+
+    All of it is written to a staging folder inside `out` first and moved into place only once it is
+    complete, each file in one rename: a full disk or a crash while writing leaves the model folder as
+    it was (a previous export, or none) and the run's checkpoints untouched. The error then names the
+    checkpoint a `--resume` exports from.
+    """
     out = Path(out)
+    staging = out / f".export-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write_model_folder(staging, out, model, tokenizer, summary)
+        for item in sorted(staging.iterdir()):
+            os.replace(item, out / item.name)
+    except Exception as err:
+        newest = latest_checkpoint(out)
+        kept = (f"The run's checkpoint {newest} is intact (a --resume exports from it)."
+                if newest else "The run has no checkpoint.")
+        failure = write_failure(err, out, f"the model folder {out}", kept, resumable=newest is not None)
+        if failure is None:
+            raise
+        raise failure from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_model_folder(out: Path, run: Path, model, tokenizer, summary: dict) -> None:
+    """The model folder's files in `out`, from the metrics of the run folder `run`."""
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
@@ -90,10 +120,10 @@ def export_model_folder(out: str | Path, model, tokenizer, summary: dict) -> Non
         bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
         do_sample=True, temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=min(128, model.config.max_position_embeddings // 2),
     ).save_pretrained(out)
-    has_curve = plot_loss_curve(out, out / run_folder.LOSS_CURVE)
+    has_curve = plot_loss_curve(run, out / run_folder.LOSS_CURVE)
     (out / run_folder.SUMMARY).write_text(json.dumps(summary, indent=2))
 
-    rows = read_metrics(out)
+    rows = read_metrics(run)
     samples = [r for r in rows if r.get("kind") == "sample" and r["step"] == summary["steps"]]
     versions = package_versions()
     config = model.config

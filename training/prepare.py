@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -48,8 +49,9 @@ from iterative_llm.tokenization import (
     train_tokenizer,
 )
 
+from .run_lock import hold
 from .shards import FORMAT_VERSION, MANIFEST, SPLITS, ShardedDataset, read_manifest
-from .sources import BUILTIN_PYTHON_DOCS, describe_source, iter_documents
+from .sources import BUILTIN_PYTHON_DOCS, ON_DECODE_ERROR, describe_source, iter_documents
 from .versions import package_versions
 
 # How much text goes to the tokenizer at once: enough for the Rust backend to keep every core busy,
@@ -74,6 +76,7 @@ def tokenizer_for(
     doc_separator: str | None = None,
     max_documents: int | None = None,
     train_chars: int = TOKENIZER_TRAIN_CHARS,
+    on_decode_error: str = "stop",
     say=print,
 ):
     """The tokenizer of a shard folder: `tokenizer` (a folder) when given, else the one already trained
@@ -85,14 +88,18 @@ def tokenizer_for(
     if saved.is_dir():
         return load_tokenizer(saved)
     documents = iter(iter_documents(source, text_column=text_column, doc_separator=doc_separator,
-                                    max_documents=max_documents))
+                                    max_documents=max_documents, on_decode_error=on_decode_error))
     first = next(documents, None)  # a missing or empty source is named before any work is announced
     if first is None:
         raise ValueError(f"{source} holds no text to train a tokenizer on.")
     say(f"training a {vocab_size}-token byte-level BPE tokenizer on {source} ...")
     start = time.perf_counter()
     trained = train_tokenizer(_first_chars(itertools.chain([first], documents), train_chars), vocab_size=vocab_size)
-    trained.save_pretrained(saved)
+    # Saved beside its place and renamed into it: a folder cut short by a kill would be loaded by the next run.
+    staging = saved.with_name(f".{TOKENIZER_DIR}.tmp")  # one writer per shard folder (run_lock), so one name
+    shutil.rmtree(staging, ignore_errors=True)
+    trained.save_pretrained(staging)
+    os.replace(staging, saved)
     say(f"tokenizer: {len(trained)} tokens in {time.perf_counter() - start:.1f} s, saved to {saved}")
     return trained
 
@@ -119,6 +126,7 @@ def prepare_shards(
     shard_tokens: int = 50_000_000,
     max_documents: int | None = None,
     max_tokens: int | None = None,
+    on_decode_error: str = "stop",
     progress: bool = True,
 ) -> "ShardedDataset":
     """Tokenise `source` into train/val shards in `out_dir` and return them opened.
@@ -128,6 +136,8 @@ def prepare_shards(
     `max_documents` caps what is read from each source; `max_tokens` (boundary tokens included)
     what is read from `source`, validation included when split from it: a separate `val_source` is
     held-out text, read whole, so that runs that read different amounts are scored on the same text.
+    `on_decode_error` says what a file that is not UTF-8 does (training/sources.py); the files that were
+    decoded with U+FFFD or skipped are counted in the manifest, and said.
     A finished `out_dir` made with the same settings is reused; an interrupted one is resumed.
     """
     if val_source is None and not 0.0 < val_fraction < 1.0:
@@ -159,11 +169,13 @@ def prepare_shards(
     manifest = read_manifest(out) if (out / MANIFEST).exists() else None
     if manifest is not None:
         _check_same_settings(out, manifest, settings)
+        _check_same_decoding(out, manifest, on_decode_error)
         if manifest["complete"] and _extend_to(manifest, max_tokens):
             _say(progress, f"extending the shards in {out} (read up to {max_tokens or 'all'} tokens of the source)")
         if manifest["complete"]:
             dataset = ShardedDataset(out, manifest)
             _say(progress, f"reusing the finished shards in {out} ({dataset.summary()}); nothing to tokenise")
+            _say_not_utf8(out, manifest)
             return dataset
         done = {s: len(manifest["splits"][s]["shards"]) for s in SPLITS}
         _say(progress, f"resuming the unfinished shards in {out} (train: {done['train']}, val: {done['val']} shards done)")
@@ -178,6 +190,7 @@ def prepare_shards(
             "boundary_token_id": boundary,
             "tokenizer_fingerprint": settings["tokenizer_fingerprint"],
             "settings": settings,
+            "on_decode_error": on_decode_error,  # compared apart from settings: see _check_same_decoding
             "paths": {"source": source, "val_source": val_source},  # for people; not compared
             "shard_tokens": shard_tokens,
             "versions": package_versions(("numpy", "tokenizers"), git=False),
@@ -212,8 +225,10 @@ def prepare_shards(
                     state.update(done=True, capped=True)
                 if state["done"]:
                     continue
-                documents = iter_documents(stream_source, text_column=text_column,
-                                           doc_separator=doc_separator, max_documents=max_documents)
+                not_utf8: list[dict] = []
+                documents = iter_documents(stream_source, text_column=text_column, doc_separator=doc_separator,
+                                           max_documents=max_documents, on_decode_error=on_decode_error,
+                                           not_utf8=not_utf8)
                 # Resuming: the first documents_read are already in committed shards.
                 documents = itertools.islice(documents, state["documents_read"], None)
                 pieces = _pieces(documents, forced_split, val_fraction, tails)
@@ -246,6 +261,13 @@ def prepare_shards(
                 if bar is not None:
                     bar.close()
                 state["done"] = True
+                # The stream is read from its start on a resume too, so `not_utf8` holds every such file
+                # before the point reached; a --max_tokens cut counts only those before its last document.
+                cut = max_tokens is not None and state["tokens"] >= max_tokens
+                passed = [e for e in not_utf8 if not cut or e["after_documents"] < state["documents_read"]]
+                if passed:
+                    state["not_utf8"] = {"files": len(passed), "bytes": sum(e["bytes"] for e in passed),
+                                         "first_files": [e["file"] for e in passed[:5]]}
                 checkpoint()
         finally:
             for writer in writers.values():
@@ -285,6 +307,7 @@ def prepare_shards(
                          "lower --val_fraction or add documents")
     manifest["complete"] = True
     _write_json(out / MANIFEST, manifest)
+    _say_not_utf8(out, manifest)
     dataset = ShardedDataset(out, manifest)
     seconds = time.perf_counter() - started
     _say(progress, f"wrote {out}: {dataset.summary()}; "
@@ -469,6 +492,37 @@ def _check_same_settings(out: Path, manifest: dict, settings: dict) -> None:
         )
 
 
+def _not_utf8_files(manifest: dict) -> int:
+    return sum(state.get("not_utf8", {}).get("files", 0) for state in manifest["progress"].values())
+
+
+def _check_same_decoding(out: Path, manifest: dict, on_decode_error: str) -> None:
+    """Shards made with another --on_decode_error are reused only when it changed nothing: they are
+    finished and every file was UTF-8. (Folders from before the option was read files as "stop".)"""
+    made_with = manifest.get("on_decode_error", "stop")
+    affected = _not_utf8_files(manifest)
+    if made_with == on_decode_error or (manifest["complete"] and affected == 0):
+        return
+    found = f"{affected} file{'s' * (affected != 1)} not UTF-8" if manifest["complete"] else "unfinished"
+    difference = f"on_decode_error: {made_with!r} there ({found}), {on_decode_error!r} now"
+    raise ShardSettingsError(
+        f"{out} holds shards prepared with --on_decode_error {made_with} ({found}). Pass --on_decode_error "
+        f"{made_with} to use them, or prepare them in another folder (train: --data_cache, or another --out).",
+        out, manifest, [difference],
+    )
+
+
+def _say_not_utf8(out: Path, manifest: dict) -> None:
+    affected = [state["not_utf8"] for state in manifest["progress"].values() if "not_utf8" in state]
+    if not affected:
+        return
+    files, size = sum(a["files"] for a in affected), sum(a["bytes"] for a in affected)
+    done = "read with U+FFFD for its bad bytes" if manifest["on_decode_error"] == "replace" else "left out"
+    print(f"note: {files} file{'s' * (files != 1)} not UTF-8 ({size:,} bytes), each {done} (--on_decode_error "
+          f"{manifest['on_decode_error']}; the first: {affected[0]['first_files'][0]}); counted in {out / MANIFEST}",
+          file=sys.stderr, flush=True)
+
+
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -517,6 +571,8 @@ class PrepareArguments:
     max_documents: int | None = field(default=None, metadata={"help": "read at most this many documents"})
     max_tokens: int | None = field(default=None, metadata={
         "help": "read at most this many tokens of SOURCE (boundary tokens included; --val_data is read whole)"})
+    on_decode_error: str = field(default="stop", metadata={"choices": ON_DECODE_ERROR, "help": (
+        "a file that is not UTF-8: stop (and name it), replace (its bad bytes become U+FFFD) or skip (leave it out)")})
 
 
 def build_parser() -> CommandParser:
@@ -529,24 +585,27 @@ def main(argv: list[str] | None = None) -> int:
     from iterative_llm import IterativeLLMConfig
 
     try:
-        tokenizer = tokenizer_for(
-            args.source, args.out_dir, tokenizer=args.tokenizer,
-            vocab_size=args.vocab_size or IterativeLLMConfig.from_preset("tiny").vocab_size,
-            text_column=args.text_column, doc_separator=args.doc_separator, max_documents=args.max_documents,
-            train_chars=args.tokenizer_train_chars, say=lambda message: print(message, file=sys.stderr, flush=True),
-        )
-        dataset = prepare_shards(args.source, tokenizer, args.out_dir, text_column=args.text_column,
-                                 doc_separator=args.doc_separator, val_source=args.val_data,
-                                 val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
-                                 max_documents=args.max_documents, max_tokens=args.max_tokens)
-    except (OSError, ValueError) as err:  # a missing source or tokenizer, an empty source, other settings
+        with hold(args.out_dir, "Wait for it to end, or choose another OUT_DIR."):  # one writer per folder
+            tokenizer = tokenizer_for(
+                args.source, args.out_dir, tokenizer=args.tokenizer,
+                vocab_size=args.vocab_size or IterativeLLMConfig.from_preset("tiny").vocab_size,
+                text_column=args.text_column, doc_separator=args.doc_separator, max_documents=args.max_documents,
+                train_chars=args.tokenizer_train_chars, on_decode_error=args.on_decode_error,
+                say=lambda message: print(message, file=sys.stderr, flush=True),
+            )
+            dataset = prepare_shards(args.source, tokenizer, args.out_dir, text_column=args.text_column,
+                                     doc_separator=args.doc_separator, val_source=args.val_data,
+                                     val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+                                     max_documents=args.max_documents, max_tokens=args.max_tokens,
+                                     on_decode_error=args.on_decode_error)
+    except (OSError, ValueError) as err:  # a missing source or tokenizer, an empty source, other settings, in use
         print(f"iterative-llm prepare: {err}", file=sys.stderr)
         return 2
     print(dataset)
     if args.max_tokens is None:  # train has no cap in tokens on its data (its --max_tokens is the budget)
         # The data settings train must repeat to find these shards its own (the manifest's settings).
         same = [f"--{name} {shown(getattr(args, name))}" for name in ("text_column", "doc_separator", "val_data",
-                "val_fraction", "max_documents") if getattr(args, name) != _DEFAULTS[name]]
+                "val_fraction", "max_documents", "on_decode_error") if getattr(args, name) != _DEFAULTS[name]]
         command = ["iterative-llm train --data", args.source, "--data_cache", args.out_dir, *same]
         print("train on it: " + " ".join(command), file=sys.stderr)
     return 0

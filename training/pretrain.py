@@ -27,6 +27,7 @@ compiled-gradient check runs in the warm-up (training/step.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -45,7 +46,7 @@ from iterative_llm.tokenization import check_tokenizer_matches_model, token_byte
 from . import ladder
 from .batches import RandomWindowBatches
 from .budget import TimeBudget, format_seconds, parse_duration, process_start_time
-from .checkpoint import STATE_FILE, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import STATE_FILE, CheckpointError, latest_checkpoint, resume_checkpoint, save_checkpoint
 # build_parser: every stage module has one (`iterative-llm train`'s lives in config.py).
 from .config import TrainConfig, build_parser, parse_args, scalar_settings, write_run_config  # noqa: F401
 from .evaluate import evaluate, flops_per_token, hardware, peak_flops, sample
@@ -56,6 +57,7 @@ from .multiple_choice import hellaswag_in_run
 from .plan import EXTEND_AHEAD, Device, Plan, choose_precision, fit_run, measure_encode_rate, tokenizer_chars
 from .optim import apply_lr, apply_muon_momentum, build_optimizers, lr_multiplier, muon_momentum
 from .prepare import ShardSettingsError, prepare_shards, tokenizer_for
+from .run_lock import FolderInUse, hold
 from .shards import MANIFEST, ShardedDataset
 from .sources import iter_documents
 from .step import compile_model, eagerly, to_model_inputs, train_step, warm_up_compiled
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(config, started=started)
         code = 0
-    except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as err:
+    except (TrainingError, CheckpointError, FolderInUse, ValueError, FileNotFoundError) as err:
         print(f"iterative-llm train: {err}", file=sys.stderr)
     except BaseException:
         if not _several_processes():
@@ -108,6 +110,20 @@ def train(config: TrainConfig, model_factory=None, started: float | None = None)
     IterativeLLMForCausalLM (benchmarks put a GPT-2 baseline through the same pipeline this way).
     `started` (time.monotonic) is when the command started, which a --time_budget counts from; now if None.
     """
+    # One writer per run folder (training/run_lock.py). The processes of one launch write it together, so
+    # only the first holds it (RANK: the global rank torchrun and `accelerate launch` set; unset alone).
+    first_process = int(os.environ.get("RANK", "0")) == 0
+    with hold(config.out, RUN_IN_USE) if first_process else contextlib.nullcontext():
+        return _train(config, model_factory, started)
+
+
+RUN_IN_USE = ("Two trainings in one folder write over each other's checkpoints and model: wait for that one to end "
+              "(or stop it: Ctrl-C saves a checkpoint), then --resume; or choose another --out.")
+DATA_IN_USE = ("It is preparing the token shards; start again when it is done (they are then reused), "
+               "or choose another --data_cache.")
+
+
+def _train(config: TrainConfig, model_factory=None, started: float | None = None) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # checkpoint writes would each draw a bar inside the training bar
@@ -248,7 +264,8 @@ class Run:
             return
         share_kept = 1.0 if c.val_data else 1.0 - c.val_fraction
         if self.main_process:
-            _prepare_shards(c, self.tokenizer, self.data_dir, self.out, max_tokens=int(wanted / share_kept))
+            with hold(self.data_dir, DATA_IN_USE):
+                _prepare_shards(c, self.tokenizer, self.data_dir, self.out, max_tokens=int(wanted / share_kept))
         self.accelerator.wait_for_everyone()
         longer = ShardedDataset.open(self.data_dir).split("train")
         self._source_exhausted = longer.num_tokens < 1.05 * self.train_split.num_tokens  # nothing more to read
@@ -339,7 +356,7 @@ def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = 
     if config.model_preset != "auto":
         check_model_settings(config)  # before anything is written (--preset auto's size is the plan's)
     # A resumed run's data must hold what it trained on before as well as what this command will.
-    trained_before = json.loads((resume_from / STATE_FILE).read_text())["tokens"] if resume_from is not None else 0
+    trained_before = _tokens_trained_in(resume_from) if resume_from is not None else 0
     plan, tokenizer, train_split, val_split = _planned_data(config, accelerator, out, say, machine, budget,
                                                             trained_before)
     config = plan.config  # nothing left on "auto"
@@ -362,7 +379,7 @@ def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = 
 
     state = {"step": 0, "tokens": 0, "time": 0.0}
     if resume_from is not None:
-        state = load_checkpoint(resume_from, raw_model, optimizers)
+        resume_from, state = resume_checkpoint(out, raw_model, optimizers, say, set_aside=main_process)
         check_resume_settings(state, config, tokens_per_step)
         say(f"resumed from {resume_from} (step {state['step']}, {state['tokens']:,} tokens)")
     if main_process:
@@ -421,18 +438,21 @@ def _planned_data(config: TrainConfig, accelerator, out: Path, say, machine: Dev
         return tokenizer_for(
             config.data, data_dir, tokenizer=config.tokenizer, vocab_size=vocab_size,
             text_column=config.text_column, doc_separator=config.doc_separator, max_documents=config.max_documents,
-            train_chars=tokenizer_chars(budget.seconds, config.tokenizer_train_chars), say=say,
+            train_chars=tokenizer_chars(budget.seconds, config.tokenizer_train_chars),
+            on_decode_error=config.on_decode_error, say=say,
         )
 
     try:
-        if main_process:
-            tokenizer = the_tokenizer()  # trained and saved in the data folder if it has none
-        accelerator.wait_for_everyone()
-        if not main_process:
-            tokenizer = the_tokenizer()  # the main process's, saved by now
-        plan = _the_plan(config, accelerator, machine, budget, tokenizer, say, trained_before)
-        if main_process:
-            _prepare_shards(plan.config, tokenizer, data_dir, out, max_tokens=plan.tokens_to_prepare)
+        # A --data_cache is shared: one run prepares it at a time (the main process holds it).
+        with hold(data_dir, DATA_IN_USE) if main_process else contextlib.nullcontext():
+            if main_process:
+                tokenizer = the_tokenizer()  # trained and saved in the data folder if it has none
+            accelerator.wait_for_everyone()
+            if not main_process:
+                tokenizer = the_tokenizer()  # the main process's, saved by now
+            plan = _the_plan(config, accelerator, machine, budget, tokenizer, say, trained_before)
+            if main_process:
+                _prepare_shards(plan.config, tokenizer, data_dir, out, max_tokens=plan.tokens_to_prepare)
         accelerator.wait_for_everyone()
     except BaseException:
         if main_process:
@@ -443,6 +463,15 @@ def _planned_data(config: TrainConfig, accelerator, out: Path, say, machine: Dev
     say(f"data: {train_split.num_tokens:,} training tokens in {train_split.num_documents:,} documents, "
         f"{val_split.num_tokens:,} validation tokens ({data_dir})")
     return plan, tokenizer, train_split, val_split
+
+
+def _tokens_trained_in(checkpoint: Path) -> int:
+    """The tokens a checkpoint had trained on; 0 when its state cannot be read (resume then skips it
+    for an older one, and the data is extended as training goes if that reads more)."""
+    try:
+        return int(json.loads((checkpoint / STATE_FILE).read_text())["tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _data_dir(config: TrainConfig, out: Path) -> Path:
@@ -483,7 +512,7 @@ def _prepare_shards(config: TrainConfig, tokenizer, data_dir: Path, out: Path, m
         prepare_shards(
             config.data, tokenizer, data_dir, text_column=config.text_column, doc_separator=config.doc_separator,
             val_source=config.val_data, val_fraction=config.val_fraction, max_documents=config.max_documents,
-            max_tokens=max_tokens, progress=config.progress,
+            max_tokens=max_tokens, on_decode_error=config.on_decode_error, progress=config.progress,
         )
     except ShardSettingsError as err:
         made_from = err.manifest.get("paths", {}).get("source")

@@ -12,6 +12,7 @@ any machine.
 from __future__ import annotations
 
 import ast
+import codecs
 import gzip
 import hashlib
 import io
@@ -24,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
+# What a local file that is not UTF-8 does: stop the run naming it (the default: a wrong encoding is
+# usually a mistake worth seeing), be read with U+FFFD for its undecodable bytes, or be left out.
+ON_DECODE_ERROR = ("stop", "replace", "skip")
 
 # File kinds we read, keyed by suffix (after an optional ".gz").
 _FILE_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
@@ -39,6 +43,8 @@ def iter_documents(
     split: str = "train",
     doc_separator: str | None = None,
     max_documents: int | None = None,
+    on_decode_error: str = "stop",
+    not_utf8: list[dict] | None = None,
 ) -> Iterator[str]:
     """Yield the non-empty text documents of `source`, in a deterministic order.
 
@@ -51,22 +57,34 @@ def iter_documents(
       - otherwise a Hugging Face hub dataset "NAME", "NAME:CONFIG", optionally "...@SPLIT" to
         override `split`, streamed with `datasets`.
     Documents that are empty or only whitespace are skipped.
+
+    A local file that is not UTF-8 stops the stream with an error naming it, unless `on_decode_error`
+    (one of ON_DECODE_ERROR) is "replace" or "skip"; each such file is then appended to `not_utf8` as
+    {"file", "bytes" (its size), "after_documents" (how many documents came before it)}.
     """
     if max_documents is not None and max_documents < 1:
         raise ValueError(f"--max_documents must be at least 1, got {max_documents}")
+    if on_decode_error not in ON_DECODE_ERROR:
+        raise ValueError(f"--on_decode_error must be one of {', '.join(ON_DECODE_ERROR)}, got {on_decode_error!r}")
+    found = [] if not_utf8 is None else not_utf8
     count = 0
-    for text in _raw_documents(source, text_column, split, doc_separator):
+    for text in _raw_documents(source, text_column, split, doc_separator, on_decode_error, found):
+        for entry in found:
+            entry.setdefault("after_documents", count)
         if not text.strip():
             continue
         yield text
         count += 1
         if max_documents is not None and count >= max_documents:
             return
+    for entry in found:
+        entry.setdefault("after_documents", count)
     if count == 0:
         raise ValueError(f"no documents in {source}: every file or record in it is empty")
 
 
-def _raw_documents(source: str, text_column: str, split: str, doc_separator: str | None) -> Iterator[str]:
+def _raw_documents(source: str, text_column: str, split: str, doc_separator: str | None, on_decode_error: str,
+                   not_utf8: list[dict]) -> Iterator[str]:
     if source == BUILTIN_PYTHON_DOCS:
         yield from _python_docs()
         return
@@ -75,7 +93,7 @@ def _raw_documents(source: str, text_column: str, split: str, doc_separator: str
     path = Path(source).expanduser()
     if path.exists():
         for file in _local_files(path):
-            yield from _file_documents(file, text_column, doc_separator)
+            yield from _file_documents(file, text_column, doc_separator, on_decode_error, not_utf8)
     elif _looks_like_path(source):
         raise FileNotFoundError(f"no such file or folder: {source}")
     else:
@@ -170,15 +188,25 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
-def _file_documents(path: Path, text_column: str, doc_separator: str | None) -> Iterator[str]:
+def _file_documents(path: Path, text_column: str, doc_separator: str | None, on_decode_error: str = "stop",
+                    not_utf8: list[dict] | None = None) -> Iterator[str]:
     kind, gzipped = _file_kind(path)
-    if kind == "parquet":
+    if kind == "parquet":  # Arrow strings are UTF-8 already
         yield from _parquet_documents(path, gzipped, text_column)
         return
+    errors = "strict"
+    # The whole file is checked before any of it is read: a .jsonl could otherwise give documents
+    # before its first bad byte, and a skipped file must give none.
+    if on_decode_error != "stop" and not _is_utf8(path, gzipped):
+        if not_utf8 is not None:
+            not_utf8.append({"file": str(path), "bytes": path.stat().st_size})
+        if on_decode_error == "skip":
+            return
+        errors = "replace"
     try:
         # newline="" keeps "\r\n" as written, so documents round-trip byte for byte.
-        with (gzip.open(path, "rt", encoding="utf-8", newline="") if gzipped
-              else open(path, encoding="utf-8", newline="")) as f:
+        with (gzip.open(path, "rt", encoding="utf-8", errors=errors, newline="") if gzipped
+              else open(path, encoding="utf-8", errors=errors, newline="")) as f:
             if kind == "txt":
                 text = f.read()
                 yield from (text.split(doc_separator) if doc_separator else [text])
@@ -187,7 +215,21 @@ def _file_documents(path: Path, text_column: str, doc_separator: str | None) -> 
             else:
                 yield from _json_documents(f.read(), path, text_column)
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err})") from err
+        raise ValueError(f"{path} is not UTF-8 text ({err}). To read such files, pass --on_decode_error replace "
+                         "(their undecodable bytes become U+FFFD) or skip (they are left out).") from err
+
+
+def _is_utf8(path: Path, gzipped: bool) -> bool:
+    """Whether the whole file decodes as UTF-8, read in pieces (a file may be larger than memory)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+        try:
+            while piece := f.read(1 << 22):
+                decoder.decode(piece)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+    return True
 
 
 def _jsonl_documents(lines: Iterable[str], path: Path, text_column: str) -> Iterator[str]:
