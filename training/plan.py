@@ -394,7 +394,7 @@ def fit_run(config, *, device: Device, torch_device: torch.device, budget, world
     fields, lrs, ladder_rows, rate = dict(config.model), {}, None, None
     if auto_size:
         seq_len, vocab = config.seq_len, config.model.get("vocab_size") or IterativeLLMConfig.from_preset(ladder.BASE_PRESET).vocab_size
-        say(f"--preset auto: probing the speed of ladder sizes on this machine ...")
+        say("--preset auto: probing the speed of ladder sizes on this machine ...")
         decided = {}
 
         def rate_of(depth: int) -> float:
