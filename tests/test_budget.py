@@ -390,3 +390,18 @@ def test_the_readme_shows_what_the_plan_chooses_on_common_cards():
     rows = card_table()
     missing = [row for row in rows if row not in readme]
     assert not missing, "README.md's table of common cards differs from the plan's decisions:\n" + "\n".join(rows)
+
+
+def test_a_card_that_only_emulates_bf16_trains_in_fp16(monkeypatch):
+    """A T4 or V100: torch.cuda.is_bf16_supported() says yes by default (emulated, slow); the plan must not."""
+    from types import SimpleNamespace
+
+    from training.plan import Device, choose_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: SimpleNamespace(name="Tesla T4", total_memory=15 * 2**30))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    device = Device.this_machine()
+    assert device.kind == "cuda" and device.bf16 is False
+    assert choose_precision(device, "auto").value == "fp16"

@@ -55,7 +55,12 @@ class Device:
     def this_machine(cls) -> "Device":
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
-            return cls("cuda", props.name, props.total_memory, torch.cuda.is_bf16_supported())
+            # Native bf16 only (Ampere on): torch's plain is_bf16_supported() also says yes where it is
+            # emulated (a T4, a V100), where fp16 with loss scaling is the fast choice.
+            from .machine import fast_matmul_dtype
+
+            native = fast_matmul_dtype(torch.device("cuda")) == torch.bfloat16
+            return cls("cuda", props.name, props.total_memory, native)
         if torch.backends.mps.is_available():
             # MPS shares the Mac's memory; bfloat16 arrived with macOS 14.
             import os
