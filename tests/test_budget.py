@@ -245,6 +245,26 @@ def test_auto_picks_the_largest_size_that_gets_the_tokens_it_wants():
     assert smallest.depth == 1 and len(rows) == 1
 
 
+def test_a_size_its_flops_put_far_below_the_rule_is_not_probed():
+    """The probe of the first size past the rule is the climb's longest: when the last size's speed,
+    scaled by FLOPs, puts it under half the tokens it wants, the climb stops without it."""
+    probed = []
+
+    def rate(depth):
+        probed.append(depth)
+        return 64_000 / 2 ** depth
+
+    flops = lambda depth: 2.0 ** depth  # noqa: E731  (FLOPs say what the probe says: half as fast a size)
+    # Depth 3 gets 1.4 tokens per parameter in 200 s, under half of 4: not probed; depth 2 (5.1) is chosen.
+    chosen, rows = ladder.choose_depth(rate, lambda r: 200.0, tokens_per_parameter=4.0, flops=flops)
+    unprobed, _ = ladder.choose_depth(rate, lambda r: 200.0, tokens_per_parameter=4.0)
+    assert chosen.depth == unprobed.depth == 2 and [c.depth for c in rows] == [1, 2] and probed == [1, 2, 1, 2, 3]
+    # With a looser rule the next size is near it (between half and all of it): probed, as before.
+    probed.clear()
+    chosen, rows = ladder.choose_depth(rate, lambda r: 200.0, tokens_per_parameter=2.0, flops=flops)
+    assert probed[-1] == chosen.depth + 1
+
+
 def test_preset_auto_needs_a_budget_and_trains_the_size_it_chose(tmp_path, big_text_dir, monkeypatch, capsys):
     assert train_main(["--preset", "auto", "--data", str(big_text_dir), "--out", str(tmp_path / "none"),
                        "--max_steps", "5"]) == 1

@@ -34,6 +34,12 @@ DEPTHS = tuple(range(1, 25))
 # (benchmarks/results/ladder_cpu.md): the best depth trained 6.6 tokens per parameter, the next
 # larger (worse) 2.1, so any value between picks the best there. A 15-minute table would narrow it.
 TOKENS_PER_PARAMETER = 4.0
+# A size whose speed, estimated from the last size probed by their FLOPs per token, would see fewer
+# than this share of the tokens the rule asks is not probed: the climb stops before it. FLOPs overstate
+# how much slower the next size is at these sizes (2 CPU cores, benchmarks/results/ladder_cpu.md: depth
+# 1 to 2 is 2.5x the FLOPs and 1.9x the time, 2 to 3 is 2.0x and 1.6x), so such a size fails the rule
+# anyway, and its probe, the longest of the climb, would only take time from training.
+SKIP_BELOW_SHARE = 0.5
 # The AdamW learning rates of the recipe are set for width 768 and scale as (768 / width) ** 0.5
 # (nanochat's rule, and the tiny preset's rates at width 128); Muon's is the tiny preset's.
 REFERENCE_WIDTH = 768
@@ -83,17 +89,25 @@ class Candidate:
 
 def choose_depth(tokens_per_second: Callable[[int], float], training_seconds: Callable[[float], float], *,
                  model_fields: Callable[[int], dict] = ladder_config, depths=DEPTHS,
-                 tokens_per_parameter: float = TOKENS_PER_PARAMETER) -> tuple[Candidate, list[Candidate]]:
+                 tokens_per_parameter: float = TOKENS_PER_PARAMETER,
+                 flops: Callable[[int], float] | None = None) -> tuple[Candidate, list[Candidate]]:
     """(the chosen size, every size probed): climbs the ladder from the smallest depth, probing each
     (`tokens_per_second(depth)`), and stops at the first size that would see fewer than
     `tokens_per_parameter` tokens per parameter in `training_seconds(tokens_per_second)` (the time the
     plan leaves for training at that speed). The choice is the last size that reached the rule,
     or the smallest when none did. Larger sizes are slower and larger, so none past the stop could
-    reach it either."""
+    reach it either. With `flops(depth)` (training FLOPs per token), a size that the last probed
+    size's speed, scaled by FLOPs, puts under SKIP_BELOW_SHARE of the rule is not probed."""
     probed: list[Candidate] = []
     for depth in depths:
+        size = parameters(model_fields(depth))
+        if probed and flops is not None:
+            last = probed[-1]
+            estimate = last.tokens_per_second * flops(last.depth) / flops(depth)
+            if estimate * training_seconds(estimate) < SKIP_BELOW_SHARE * tokens_per_parameter * size:
+                break
         rate = tokens_per_second(depth)
-        candidate = Candidate(depth, parameters(model_fields(depth)), rate, rate * training_seconds(rate))
+        candidate = Candidate(depth, size, rate, rate * training_seconds(rate))
         probed.append(candidate)
         if candidate.tokens_per_parameter < tokens_per_parameter:
             break

@@ -413,9 +413,14 @@ def fit_run(config, *, device: Device, torch_device: torch.device, budget, world
         def seconds_at(depth_rate: float) -> float:
             return training_seconds(depth_rate, 0)
 
-        chosen, ladder_rows = ladder.choose_depth(rate_of, seconds_at,
-                                                  model_fields=lambda d: ladder.ladder_config(d, vocab_size=vocab,
-                                                                                              seq_len=seq_len))
+        from .evaluate import flops_per_token
+
+        def ladder_fields(depth: int) -> dict:
+            return ladder.ladder_config(depth, vocab_size=vocab, seq_len=seq_len)
+
+        chosen, ladder_rows = ladder.choose_depth(
+            rate_of, seconds_at, model_fields=ladder_fields,
+            flops=lambda depth: flops_per_token(model_of({**ladder_fields(depth), **config.model}), seq_len))
         fields = {**ladder.ladder_config(chosen.depth, vocab_size=vocab, seq_len=seq_len), **config.model}
         lrs = ladder.learning_rates(chosen.depth)
         batch, checkpointing, params = decided[chosen.depth]
