@@ -21,6 +21,13 @@ Nothing is downloaded. What it prints, phase by phase, then as one table:
    top rows; the whole table is written to OUT/profile.txt), the eager step's speed for comparison,
    and the peak memory (`torch.cuda.max_memory_allocated`) of the 24 GB setting: micro-batches of 16,
    activation checkpointing, the same 0.5M-token step.
+5. the session: `--preset auto --time_budget B` on the books (B = --budget: 8m on a GPU, 30s with
+   --small), the README's first command shortened: its plan, seconds to the first step, tokens
+   prepared before it and in all (on a GPU, the rest tokenised beside training), training tokens/s
+   and the result. It must end within the budget plus 2%, take its first step within 60 s, and
+   lower its training loss by 1 nat.
+
+`--phases 1 5` runs only those phases (a GPU session with little device time: about 8 minutes).
 
 Every figure comes from this one run on one device, so the ratios compare like with like. The
 exit status is 0 only when the gradient and learning checks pass.
@@ -253,6 +260,43 @@ def profile_and_memory(device: torch.device, shape: dict, out: Path) -> dict:
     return figures
 
 
+# ---------------------------------------------------------------------------------------------- 5
+
+
+def budget_session(train_dir: Path, val_file: Path, work: Path, budget: str, overrides: dict) -> dict:
+    """`--preset auto --time_budget B`, as a user types it (its own data folder, tokenizer and plan)."""
+    from training.budget import parse_duration
+
+    out = work / "session"
+    values = {**load_preset("auto"), "out": str(out), "data": str(train_dir), "val_data": str(val_file),
+              "time_budget": budget, "report_to": "none", "progress": False, **overrides}
+    start = time.perf_counter()
+    summary = train(build_config(values))
+    wall = time.perf_counter() - start
+    rows = [json.loads(line) for line in (out / run_folder.METRICS).read_text().splitlines() if line.strip()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    speeds = [r["tokens_per_second"] for r in train_rows[1:]] or [r["tokens_per_second"] for r in train_rows]
+    losses = [r["loss"] for r in train_rows]
+    seconds = parse_duration(budget)
+    figures = {
+        "budget": budget, "wall_seconds": wall, "phases": summary["phases"], "plan": summary["plan"],
+        "parameters": summary["parameters"], "steps": summary["steps"],
+        "seconds_to_first_step": summary["seconds_to_first_step"],
+        "tokens_prepared_before_first_step": summary["tokens_prepared_before_first_step"],
+        "tokens_prepared": summary["tokens_prepared"], "tokens_trained": summary["tokens_trained"],
+        "seconds_tokenising_beside_training": summary["seconds_tokenising_beside_training"],
+        "tokens_per_second": statistics.median(speeds) if speeds else 0.0,
+        "first_loss": summary["first_loss"] if summary.get("first_loss") is not None else losses[0],
+        "last_loss": statistics.mean(losses[-3:]), "val_bpb": summary["final_val_bpb"],
+    }
+    figures["checks"] = {
+        "within the budget plus 2%": wall <= 1.02 * seconds,
+        "first step within 60 s": summary["seconds_to_first_step"] is not None and summary["seconds_to_first_step"] < 60,
+        "training loss fell": figures["first_loss"] - figures["last_loss"] >= 1.0,
+    }
+    return figures
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -267,6 +311,7 @@ def settings(small: bool) -> dict:
                          "stop_if_not_learning": False},
             "profile": {"model": {}, "seq_len": 1024, "batch_size": 32, "batch_tokens": 524_288, "timed_steps": 2,
                         "memory_batch_size": 16},
+            "session": {"budget": "8m"},
         }
     shrink = {"num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 2,
               "num_key_value_heads": 2, "max_position_embeddings": 128, "vocab_size": 1024}
@@ -282,6 +327,8 @@ def settings(small: bool) -> dict:
         "baseline": {"max_steps": 4, "eval_tokens": 16_384, "model": shrink, "compile": False, "optimizer": "adamw",
                      "stop_if_not_learning": False, **shape},
         "profile": {"model": shrink, "timed_steps": 1, "memory_batch_size": 4, **shape},
+        # The CPU's session: the plan tokenises in pauses there (the thread's path is tests/test_tokenise_beside.py's).
+        "session": {"budget": "30s", "eval_every": 50, "eval_tokens": 16_384, "model": {"vocab_size": 1024}},
     }
 
 
@@ -292,6 +339,9 @@ def main(argv=None) -> int:
     parser.add_argument("--small", action="store_true", default=None,
                         help="CPU-sized models and runs (the default without a GPU)")
     parser.add_argument("--json", default=None, help="also write every figure here")
+    parser.add_argument("--phases", type=int, nargs="+", choices=range(1, 6), default=[1, 2, 3, 4, 5],
+                        help="the phases to run (default: all)")
+    parser.add_argument("--budget", default=None, help="phase 5's --time_budget (default: 8m on a GPU, 30s with --small)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     small = args.small if args.small is not None else device.type != "cuda"
@@ -323,11 +373,12 @@ def main(argv=None) -> int:
 
     train_dir, val_file = layout_data(files, work)
 
-    phase("1. gradients: compiled vs eager, bf16 autocast, tiny model")
-    report["gradients"] = gradient_check(device, plan["gradients"])
-    failures += [f"gradients: {r['loss path']}, {r['compiled']}" for r in report["gradients"] if not r["ok"]]
+    if 1 in args.phases:
+        phase("1. gradients: compiled vs eager, bf16 autocast, tiny model")
+        report["gradients"] = gradient_check(device, plan["gradients"])
+        failures += [f"gradients: {r['loss path']}, {r['compiled']}" for r in report["gradients"] if not r["ok"]]
 
-    for name in ("tiny", "gpt2-small"):
+    for name in ("tiny", "gpt2-small") if 2 in args.phases else ():
         phase(f"2. learning: {name}, compiled")
         torch.compiler.reset()
         settings_of_run = dict(plan[name])
@@ -351,25 +402,47 @@ def main(argv=None) -> int:
         if not figures["learned"]:
             failures.append(f"learning {name}")
 
-    phase("3. baseline: GPT2LMHeadModel, eager, AdamW, same data and step")
-    torch.compiler.reset()
-    try:
-        baseline = run_training("gpt2-baseline", "gpt2-small", train_dir, val_file, work, plan["baseline"],
-                                model_factory=gpt2_factory(None))
-        report["baseline"] = baseline
-        say(f"  {baseline['steps']} steps: {baseline['tokens_per_second']:,.0f} tokens/s"
-            + (f", MFU {100 * baseline['mfu']:.1f}%" if baseline["mfu"] else ""))
-    except Exception as err:
-        traceback.print_exc()
-        failures.append(f"baseline: {type(err).__name__}: {err}")
+    if 3 in args.phases:
+        phase("3. baseline: GPT2LMHeadModel, eager, AdamW, same data and step")
+        torch.compiler.reset()
+        try:
+            baseline = run_training("gpt2-baseline", "gpt2-small", train_dir, val_file, work, plan["baseline"],
+                                    model_factory=gpt2_factory(None))
+            report["baseline"] = baseline
+            say(f"  {baseline['steps']} steps: {baseline['tokens_per_second']:,.0f} tokens/s"
+                + (f", MFU {100 * baseline['mfu']:.1f}%" if baseline["mfu"] else ""))
+        except Exception as err:
+            traceback.print_exc()
+            failures.append(f"baseline: {type(err).__name__}: {err}")
 
-    phase("4. profile and memory: our gpt2-small step")
-    torch.compiler.reset()
-    try:
-        report["profile"] = profile_and_memory(device, plan["profile"], work)
-    except Exception as err:
-        traceback.print_exc()
-        failures.append(f"profile/memory: {type(err).__name__}: {err}")
+    if 4 in args.phases:
+        phase("4. profile and memory: our gpt2-small step")
+        torch.compiler.reset()
+        try:
+            report["profile"] = profile_and_memory(device, plan["profile"], work)
+        except Exception as err:
+            traceback.print_exc()
+            failures.append(f"profile/memory: {type(err).__name__}: {err}")
+
+    if 5 in args.phases:
+        overrides = dict(plan["session"])
+        budget = args.budget or overrides.pop("budget")
+        overrides.pop("budget", None)
+        phase(f"5. the session: --preset auto --time_budget {budget}")
+        torch.compiler.reset()
+        try:
+            session = report["session"] = budget_session(train_dir, val_file, work, budget, overrides)
+            say(f"  {session['plan']['model']}; first step after {session['seconds_to_first_step']:.1f} s; "
+                f"{session['tokens_prepared_before_first_step']:,} tokens prepared before it, "
+                f"{session['tokens_prepared']:,} in all for {session['tokens_trained']:,} trained"
+                + (f" ({session['seconds_tokenising_beside_training']:.1f} s tokenising beside training)"
+                   if session["seconds_tokenising_beside_training"] else "")
+                + f"; {session['tokens_per_second']:,.0f} tokens/s; {session['wall_seconds']:.1f} s of "
+                f"{budget}; val {session['val_bpb']:.4f} bits per byte")
+            failures += [f"session: {name}" for name, ok in session["checks"].items() if not ok]
+        except Exception as err:
+            traceback.print_exc()
+            failures.append(f"session: {type(err).__name__}: {err}")
 
     report["seconds"] = time.perf_counter() - began
     report["failures"] = failures
@@ -406,6 +479,13 @@ def print_table(report: dict) -> None:
         if "memory_peak_gib" in prof:
             say(f"memory    {prof['memory_setting']}: peak {prof['memory_peak_gib']:.2f} GiB "
                 f"({prof['memory_tokens_per_second']:,.0f} tokens/s); preset micro-batch: {prof['preset_peak_gib']:.2f} GiB")
+    session = report.get("session")
+    if session:
+        say(f"session   --time_budget {session['budget']}: {session['wall_seconds']:.1f} s, first step "
+            f"{session['seconds_to_first_step']:.1f} s, {session['tokens_per_second']:,.0f} tokens/s, "
+            f"{session['tokens_prepared']:,} tokens prepared ({session['tokens_prepared_before_first_step']:,} before "
+            f"the first step) for {session['tokens_trained']:,} trained; val {session['val_bpb']:.4f} bits per byte; "
+            + ", ".join(f"{name} {'ok' if ok else 'FAIL'}" for name, ok in session["checks"].items()))
     say("result    " + ("all checks passed" if not report["failures"] else "FAILED: " + "; ".join(report["failures"])))
 
 

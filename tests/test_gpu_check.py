@@ -36,6 +36,9 @@ def test_gpu_check_runs_on_cpu_and_passes_its_checks(tmp_path, corpus):
         assert report[name]["learned"] and report[name]["first_loss"] - report[name]["last_loss"] >= report[name]["margin"]
     assert report["baseline"]["tokens_per_second"] > 0 and report["profile"]["compiled_tokens_per_second"] > 0
     assert (tmp_path / "work" / "profile.txt").read_text().strip()
+    session = report["session"]  # the README's first command, shortened: within its budget, learning
+    assert all(session["checks"].values()) and session["plan"]["depth"] >= 1
+    assert session["tokens_trained"] <= session["tokens_prepared"] <= 1.5 * session["tokens_trained"] + 50_000
 
 
 def test_gpu_check_refuses_a_folder_without_text_and_a_used_out_folder(tmp_path):

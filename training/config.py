@@ -62,6 +62,9 @@ class TrainConfig:
     max_documents: int | None = setting(None, "read at most this many documents (hub datasets are large)")
     on_decode_error: str = setting("stop", "a file that is not UTF-8: stop (and name it), replace (its bad bytes "
                                            "become U+FFFD) or skip (leave it out)")
+    tokenise_beside_training: bool | str = setting(
+        "auto", "tokenise more of the data in a thread while training runs, under --time_budget; auto = on a GPU "
+                "(its CPU is idle), not on a CPU (its cores train)")
     data_cache: str | None = setting(None, "folder of the token shards and tokenizer, to share between runs; none = OUT/data")
     tokenizer: str | None = setting(None, "a tokenizer folder; none = train a byte-level BPE on the data")
     tokenizer_train_chars: int = setting(TOKENIZER_TRAIN_CHARS, "characters of the corpus the tokenizer is trained on")
@@ -137,7 +140,7 @@ RESUME_MAY_CHANGE = (
     "out", "resume", "max_steps", "max_tokens", "max_time", "time_budget", "eval_every", "eval_tokens", "sample_every",
     "sample_prompts", "sample_tokens", "log_every", "checkpoint_every", "keep_checkpoints", "report_to",
     "progress", "dataloader_pin_memory", "threads", "compile", "compile_check", "activation_checkpointing", "stop_if_not_learning",
-    "hellaswag", "hellaswag_every", "hellaswag_limit",
+    "tokenise_beside_training", "hellaswag", "hellaswag_every", "hellaswag_limit",
 )
 
 
@@ -395,8 +398,9 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
         value = getattr(config, name)
         if not (name == "batch_size" and value == "auto") and (not isinstance(value, int) or value <= 0):
             raise ValueError(f"`{name}` must be a positive integer{' or auto' * (name == 'batch_size')}, got {value!r}.")
-    if config.activation_checkpointing not in (True, False, "auto"):
-        raise ValueError(f"`activation_checkpointing` must be true, false or auto, got {config.activation_checkpointing!r}.")
+    for name in ("activation_checkpointing", "tokenise_beside_training"):
+        if getattr(config, name) not in (True, False, "auto"):
+            raise ValueError(f"`{name}` must be true, false or auto, got {getattr(config, name)!r}.")
     if not 0.0 <= config.cooldown_fraction <= 1.0:
         raise ValueError(f"`cooldown_fraction` must be in [0, 1], got {config.cooldown_fraction!r}.")
     from .multiple_choice import check_training_settings

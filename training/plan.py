@@ -234,12 +234,28 @@ DATA_MARGIN = 1.1
 # row as its measured speed says (pretrain.py `extend_the_data`), a pause of seconds. An accelerator
 # measures steadily, and the pause would be minutes: it prepares all of it first.
 FIRST_SHARE = {"cpu": 0.5}
+# Tokenising beside training (an accelerator's run, training/tokenise_beside.py): the run tokenises
+# what its first BESIDE_FIRST_SECONDS of training read before the first step, and a thread the rest
+# while it trains, committing a shard per BESIDE_SHARD_SECONDS of training for the steps to take up.
+BESIDE_FIRST_SECONDS = 60.0
+BESIDE_SHARD_SECONDS = 30.0
 # How far ahead, in seconds of training, the shards must reach before they are extended (to twice
 # that): what a run prepares beyond what it trains stays under a minute of training.
 EXTEND_AHEAD = 30.0
 # The CPU micro-batch when the preset leaves it to the plan: 16 x 256 tokens keeps 2-16 cores busy
 # without making one micro-step slow.
 CPU_MICRO_BATCH = 16
+
+
+def choose_tokenise_beside(device: Device, asked) -> Decision:
+    """Whether more of the data is tokenised in a thread while training runs: on an accelerator, whose
+    run leaves the CPU cores idle; not on a CPU, whose cores train (a thread there slows every step,
+    so the shards are extended in short pauses instead). `asked` other than "auto" is taken as it is."""
+    if asked != "auto":
+        return Decision(bool(asked), "as asked (--tokenise_beside_training)")
+    if device.kind == "cpu":
+        return Decision(False, "a CPU's cores train: more is tokenised in short pauses at log rows")
+    return Decision(True, f"the CPU is idle while {device.name} trains: the card never waits for the tokenizer")
 
 
 def tokenizer_chars(budget_seconds: float | None, asked: int) -> int:
@@ -289,7 +305,9 @@ class Plan:
     activation_checkpointing: Decision
     tokens_per_second: float | None = None
     training_seconds: float | None = None
-    tokens_to_prepare: int | None = None  # per source, boundary tokens and the validation share included
+    tokens_to_prepare: int | None = None  # before the first step; per source, boundary tokens and validation included
+    tokens_planned: int | None = None  # the same, for the whole run at the probed speed
+    tokenise_beside: Decision | None = None  # whether a thread tokenises the rest while training runs
     ladder: list = None  # the ladder sizes probed by --preset auto
     model: str = ""
     depth: int | None = None  # the ladder depth --preset auto chose
@@ -314,7 +332,12 @@ class Plan:
                                   f"{self.activation_checkpointing.reason}")]
         if self.tokens_per_second:
             rows.append(("speed", f"{self.tokens_per_second:,.0f} training tokens/s (probed)"))
-        if self.tokens_to_prepare:
+        if self.tokens_to_prepare and self.tokenise_beside is not None and self.tokenise_beside.value:
+            rows.append(("data", f"tokenise {self.tokens_to_prepare:,} tokens of {c.data} now (the first "
+                                 f"{BESIDE_FIRST_SECONDS:.0f} s of training), the rest of {self.tokens_planned:,} "
+                                 f"({DATA_MARGIN}x what the training time takes at that speed) beside training: "
+                                 f"{self.tokenise_beside.reason}"))
+        elif self.tokens_to_prepare:
             rows.append(("data", f"tokenise up to {self.tokens_to_prepare:,} tokens of {c.data} now: "
                                  f"{FIRST_SHARE.get(device.kind, 1.0):.0%} of {DATA_MARGIN}x what the training time "
                                  "takes at that speed; more as the measured speed asks"))
@@ -341,6 +364,7 @@ def fit_run(config, *, device: Device, torch_device: torch.device, budget, world
     from .budget import format_seconds
 
     precision = choose_precision(device, config.precision)
+    beside = choose_tokenise_beside(device, config.tokenise_beside_training)
     timed = budget.seconds is not None
     auto_size = config.model_preset == "auto"
     if auto_size and not timed:
@@ -391,9 +415,15 @@ def fit_run(config, *, device: Device, torch_device: torch.device, budget, world
     def training_seconds(rate: float, params: int) -> float:
         """The training time T left once the data is tokenised and the end is kept for: tokenising
         the DATA_MARGIN * rate * T tokens that T trains on takes that over the encoding rate, so
-        T = (left - reserve) / (1 + DATA_MARGIN * rate / encode_rate)."""
+        T = (left - reserve) / (1 + DATA_MARGIN * rate / encode_rate). Tokenised beside training,
+        only the first BESIDE_FIRST_SECONDS' worth is tokenised first: T = left - reserve - that's time."""
         left = budget.left()
         reserve = sum(end_reserve(config, params, rate, left).values())
+        if beside.value and encode_rate:
+            first = DATA_MARGIN * rate * BESIDE_FIRST_SECONDS
+            seconds = max(0.0, left - reserve - first / encode_rate)
+            if DATA_MARGIN * rate * seconds > first:  # else the run is short enough to tokenise all first
+                return seconds
         return max(0.0, left - reserve) / (1 + (DATA_MARGIN * rate / encode_rate if encode_rate else 0.0))
 
     fields, lrs, ladder_rows, rate = dict(config.model), {}, None, None
@@ -440,7 +470,7 @@ def fit_run(config, *, device: Device, torch_device: torch.device, budget, world
         config, model_preset=preset_name, model=fields, **lrs, precision=precision.value,
         batch_size=batch.value, activation_checkpointing=checkpointing.value)
     plan = Plan(resolved, precision, batch, checkpointing, tokens_per_second=rate, ladder=ladder_rows, model=model,
-                depth=chosen.depth if auto_size else None)
+                depth=chosen.depth if auto_size else None, tokenise_beside=beside)
     if timed:
         plan.training_seconds = training_seconds(rate, params)
         budget.end_parts = plan.end_parts = end_reserve(resolved, params, rate, plan.training_seconds)
@@ -449,7 +479,12 @@ def fit_run(config, *, device: Device, torch_device: torch.device, budget, world
         limits = [tokens] + [limit for limit in (resolved.max_tokens,
                   resolved.max_steps * step_tokens if resolved.max_steps else None) if limit]
         share_kept = 1.0 if resolved.val_data else 1.0 - resolved.val_fraction
-        plan.tokens_to_prepare = max(step_tokens, int(min(limits) * FIRST_SHARE.get(device.kind, 1.0) / share_kept))
+        plan.tokens_planned = max(step_tokens, int(min(limits) / share_kept))
+        if beside.value:
+            first = trained_before + DATA_MARGIN * rate * BESIDE_FIRST_SECONDS
+            plan.tokens_to_prepare = max(step_tokens, int(min([first] + limits) / share_kept))
+        else:
+            plan.tokens_to_prepare = max(step_tokens, int(min(limits) * FIRST_SHARE.get(device.kind, 1.0) / share_kept))
         if plan.training_seconds < 0.2 * budget.seconds:
             say(f"warning: the budget leaves {format_seconds(plan.training_seconds)} of training after "
                 f"preparing the data and keeping time for the end; a longer --time_budget trains a better model")

@@ -33,8 +33,9 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -128,6 +129,8 @@ def prepare_shards(
     max_tokens: int | None = None,
     on_decode_error: str = "stop",
     progress: bool = True,
+    stop: threading.Event | None = None,
+    on_commit: Callable[[dict], None] | None = None,
 ) -> "ShardedDataset":
     """Tokenise `source` into train/val shards in `out_dir` and return them opened.
 
@@ -139,6 +142,11 @@ def prepare_shards(
     `on_decode_error` says what a file that is not UTF-8 does (training/sources.py); the files that were
     decoded with U+FFFD or skipped are counted in the manifest, and said.
     A finished `out_dir` made with the same settings is reused; an interrupted one is resumed.
+
+    For tokenising beside training (training/tokenise_beside.py): `stop`, once set, ends the reading
+    of `source` at the next document's end as a cap would (the folder is finished, and a later call
+    extends it from there); `on_commit(manifest)` is called each time shards are committed, with the
+    manifest that lists them, so that training can read them while the rest is tokenised.
     """
     if val_source is None and not 0.0 < val_fraction < 1.0:
         raise ValueError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
@@ -176,6 +184,8 @@ def prepare_shards(
             dataset = ShardedDataset(out, manifest)
             _say(progress, f"reusing the finished shards in {out} ({dataset.summary()}); nothing to tokenise")
             _say_not_utf8(out, manifest)
+            if on_commit is not None:
+                on_commit(manifest)  # all there is, as committed
             return dataset
         done = {s: len(manifest["splits"][s]["shards"]) for s in SPLITS}
         _say(progress, f"resuming the unfinished shards in {out} (train: {done['train']}, val: {done['val']} shards done)")
@@ -209,6 +219,8 @@ def prepare_shards(
         for writer in writers.values():
             writer.commit()
         _write_json(out / MANIFEST, manifest)
+        if on_commit is not None:
+            on_commit(manifest)
 
     encoder = plain_text_encoder(tokenizer)
     started = time.perf_counter()
@@ -248,7 +260,8 @@ def prepare_shards(
                         if not document_ends:
                             continue  # the held-out tail of this document follows
                         state["documents_read"] += 1
-                        if cap is not None and state["tokens"] >= cap:
+                        if (cap is not None and state["tokens"] >= cap) or (
+                                key == "source" and stop is not None and stop.is_set()):
                             state["capped"] = True  # more is there: a later call may extend from here
                             break
                         if writers[split].open_tokens >= shard_tokens:
@@ -263,7 +276,7 @@ def prepare_shards(
                 state["done"] = True
                 # The stream is read from its start on a resume too, so `not_utf8` holds every such file
                 # before the point reached; a --max_tokens cut counts only those before its last document.
-                cut = max_tokens is not None and state["tokens"] >= max_tokens
+                cut = state.get("capped", False) or (max_tokens is not None and state["tokens"] >= max_tokens)
                 passed = [e for e in not_utf8 if not cut or e["after_documents"] < state["documents_read"]]
                 if passed:
                     state["not_utf8"] = {"files": len(passed), "bytes": sum(e["bytes"] for e in passed),
@@ -307,6 +320,8 @@ def prepare_shards(
                          "lower --val_fraction or add documents")
     manifest["complete"] = True
     _write_json(out / MANIFEST, manifest)
+    if on_commit is not None:
+        on_commit(manifest)
     _say_not_utf8(out, manifest)
     dataset = ShardedDataset(out, manifest)
     seconds = time.perf_counter() - started

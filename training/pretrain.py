@@ -54,13 +54,17 @@ from .export import export_model_folder
 from .guards import LearningCheck, TrainingError, check_loss_finite, check_model_settings, check_resume_settings
 from .machine import choose_threads, cpu_description
 from .multiple_choice import hellaswag_in_run
-from .plan import EXTEND_AHEAD, Device, Plan, choose_precision, fit_run, measure_encode_rate, tokenizer_chars
+from .plan import (
+    BESIDE_FIRST_SECONDS, BESIDE_SHARD_SECONDS, DATA_MARGIN, EXTEND_AHEAD, Device, Plan, choose_precision, fit_run,
+    measure_encode_rate, tokenizer_chars,
+)
 from .optim import apply_lr, apply_muon_momentum, build_optimizers, lr_multiplier, muon_momentum
 from .prepare import ShardSettingsError, prepare_shards, tokenizer_for
 from .run_lock import FolderInUse, hold
 from .shards import MANIFEST, ShardedDataset
 from .sources import iter_documents
 from .step import compile_model, eagerly, to_model_inputs, train_step, warm_up_compiled
+from .tokenise_beside import TokeniserBeside, TokenisingFailed
 from .versions import package_versions
 
 # The process group of a data-parallel run is never freed in Python. Freeing it (when the DDP model
@@ -131,22 +135,29 @@ def _train(config: TrainConfig, model_factory=None, started: float | None = None
     with budget.phase("prepare"):
         run = set_up(config, model_factory, budget)
 
-    # torch.compile does its work on the first forward and backward (about 100 s for gpt2-small
-    # compiled whole, on an H100): a forward and backward on the first batch, its gradients thrown
-    # away, does it here, so that `max_time` is training time and its cool-down comes at its end.
-    # The same step compares the compiled gradients with the eager ones, since a compiled graph that
-    # trains on wrong gradients is invisible otherwise.
-    if config.compile:
-        start = time.perf_counter()
-        run.say("compiling the model (a warm-up step whose gradients are thrown away; not counted as training time) ...")
-        check = warm_up_compiled(run.model, run.step_inputs(0, run.state["step"]), run.loss_kwargs, config.compile_check)
-        run.compile_seconds = time.perf_counter() - start
-        run.say(f"compiled in {run.compile_seconds:.1f} s" + (f"; {check}" if check else ""))
+    # On an accelerator, a thread tokenises the rest of the data from here on, beside the compile and
+    # the steps (training/tokenise_beside.py); it ends with training, before the final evaluation and
+    # the export.
+    run.start_tokenising_beside()
+    try:
+        # torch.compile does its work on the first forward and backward (about 100 s for gpt2-small
+        # compiled whole, on an H100): a forward and backward on the first batch, its gradients thrown
+        # away, does it here, so that `max_time` is training time and its cool-down comes at its end.
+        # The same step compares the compiled gradients with the eager ones, since a compiled graph that
+        # trains on wrong gradients is invisible otherwise.
+        if config.compile:
+            start = time.perf_counter()
+            run.say("compiling the model (a warm-up step whose gradients are thrown away; not counted as training time) ...")
+            check = warm_up_compiled(run.model, run.step_inputs(0, run.state["step"]), run.loss_kwargs, config.compile_check)
+            run.compile_seconds = time.perf_counter() - start
+            run.say(f"compiled in {run.compile_seconds:.1f} s" + (f"; {check}" if check else ""))
 
-    if budget.seconds is not None:
-        run.time_the_evaluation()
-    with budget.phase("train"):
-        stopped_by = train_loop(run)
+        if budget.seconds is not None:
+            run.time_the_evaluation()
+        with budget.phase("train"):
+            stopped_by = train_loop(run)
+    finally:
+        run.stop_tokenising_beside()
     if stopped_by is not None:
         run.say(f"Stopped by {stopped_by} at step {run.state['step']}. "
                 f"Continue with: iterative-llm train --out {run.out} --resume")
@@ -183,6 +194,7 @@ class Run:
     compile_seconds: float = 0.0
     first_loss: float | None = None
     data_dir: Path | None = None  # where the shards are, to extend them when training needs more
+    beside: TokeniserBeside | None = None  # the main process's tokenising thread, when the plan says so
     byte_lengths: torch.Tensor = field(init=False)
 
     def __post_init__(self):
@@ -193,6 +205,7 @@ class Run:
         # A resumed run's earlier training is not this command's.
         self.time_at_start, self.tokens_at_start = self.state["time"], self.state["tokens"]
         self._source_exhausted = False
+        self.tokens_prepared_first = self.train_split.num_tokens  # before the first step
         self._budget_done = 0.0  # the time budget's fraction done so far: it never goes back
 
     def progress(self) -> float:
@@ -245,35 +258,113 @@ class Run:
         got longer), they are extended from where they stopped (training/prepare.py) to what it will
         read in twice that, and training goes on over the longer split. A little at a time, since
         the steps left are only known as the run goes (evaluations, a busier machine), and tokenising
-        costs the same in pieces; the pause is the clock's like any other."""
+        costs the same in pieces; the pause is the clock's like any other.
+
+        Tokenised beside training (an accelerator's run: training/tokenise_beside.py), there is no
+        pause: training takes up here the shards the thread has committed since the last log row, and
+        the thread is started again, for the rest of the run, when it has finished and the run wants
+        more than it was asked for. A failure to read more data checkpoints the run, then stops it."""
         c, s = self.config, self.state
         spent = s["time"] - self.time_at_start
-        if self.budget.seconds is None or self.data_dir is None or self._source_exhausted or spent <= 0:
+        if self.budget.seconds is None or self.data_dir is None or spent <= 0:
             return
-        speed = (s["tokens"] - self.tokens_at_start) / spent
-        rest = self.budget.training_seconds(spent) - spent
-        limits = [limit for limit in (c.max_tokens, c.max_steps and c.max_steps * self.tokens_per_step) if limit]
-        soon = min([s["tokens"] + speed * min(rest, EXTEND_AHEAD)] + limits)
-        wanted = min([s["tokens"] + speed * min(rest, 2 * EXTEND_AHEAD)] + limits)
-        short = soon > self.train_split.num_tokens
+        try:
+            if self.tokenising_beside:
+                self._take_up_new_shards()  # on every process, at the same step
+            if self._source_exhausted:
+                return
+            speed = (s["tokens"] - self.tokens_at_start) / spent
+            rest = self.budget.training_seconds(spent) - spent
+            limits = [limit for limit in (c.max_tokens, c.max_steps and c.max_steps * self.tokens_per_step) if limit]
+            share_kept = 1.0 if c.val_data else 1.0 - c.val_fraction
+            if self.tokenising_beside:
+                soon = min([s["tokens"] + speed * min(rest, BESIDE_FIRST_SECONDS)] + limits)
+                if self.main_process and not self.beside.running and soon > self.train_split.num_tokens:
+                    wanted = min([s["tokens"] + DATA_MARGIN * speed * rest] + limits)
+                    self.beside.start(max_tokens=int(wanted / share_kept),
+                                      shard_tokens=max(self.tokens_per_step, int(speed * BESIDE_SHARD_SECONDS)))
+                    self.say(f"data: tokenising beside training up to {wanted:,.0f} training tokens "
+                             f"(training reads {speed:,.0f} tokens/s)")
+                return  # the main process's thread tokenises; the others take up its shards above
+            soon = min([s["tokens"] + speed * min(rest, EXTEND_AHEAD)] + limits)
+            wanted = min([s["tokens"] + speed * min(rest, 2 * EXTEND_AHEAD)] + limits)
+            short = soon > self.train_split.num_tokens
+            if self.world_size > 1:
+                from accelerate.utils import broadcast_object_list
+
+                short = broadcast_object_list([short])[0]  # every process extends, or none
+            if not short:
+                return
+            if self.main_process:
+                with hold(self.data_dir, DATA_IN_USE):
+                    _prepare_shards(c, self.tokenizer, self.data_dir, self.out, max_tokens=int(wanted / share_kept))
+            self.accelerator.wait_for_everyone()
+            longer = ShardedDataset.open(self.data_dir).split("train")
+            self._source_exhausted = longer.num_tokens < 1.05 * self.train_split.num_tokens  # nothing more to read
+            self.say(f"data: extended to {longer.num_tokens:,} training tokens (training reads {speed:,.0f} tokens/s; "
+                     f"the rest of the run wants about {wanted:,.0f})")
+            self._train_on(longer)
+        except Exception as err:
+            if self.world_size > 1:
+                raise  # the launcher stops the other processes; the last scheduled checkpoint stands
+            self.checkpoint("more data could not be read")
+            raise TrainingError(f"{str(err).rstrip('.')}. Step {s['step']} is checkpointed: once that is fixed, "
+                                f"continue with `iterative-llm train --out {self.out} --resume`.") from err
+
+    @property
+    def tokenising_beside(self) -> bool:
+        """The plan's choice, under a time budget (the main process then has the thread)."""
+        decision = self.plan.tokenise_beside
+        return self.budget.seconds is not None and decision is not None and bool(decision.value)
+
+    def _take_up_new_shards(self) -> None:
+        """The shards the tokenising thread has committed since the last call, on every process."""
+        manifest = self.beside.take_newest() if self.beside is not None else None
         if self.world_size > 1:
             from accelerate.utils import broadcast_object_list
 
-            short = broadcast_object_list([short])[0]  # every process extends, or none
-        if not short:
+            manifest = broadcast_object_list([manifest])[0]
+        if manifest is None:
             return
-        share_kept = 1.0 if c.val_data else 1.0 - c.val_fraction
-        if self.main_process:
-            with hold(self.data_dir, DATA_IN_USE):
-                _prepare_shards(c, self.tokenizer, self.data_dir, self.out, max_tokens=int(wanted / share_kept))
-        self.accelerator.wait_for_everyone()
-        longer = ShardedDataset.open(self.data_dir).split("train")
-        self._source_exhausted = longer.num_tokens < 1.05 * self.train_split.num_tokens  # nothing more to read
-        self.say(f"data: extended to {longer.num_tokens:,} training tokens (training reads {speed:,.0f} tokens/s; "
-                 f"the rest of the run wants about {wanted:,.0f})")
+        longer = ShardedDataset(self.data_dir, manifest, committed_only=True).split("train")
+        if manifest["complete"]:
+            # The thread has read what it was asked for (capped: the source holds more) or all there was.
+            self._source_exhausted = not manifest["progress"]["source"].get("capped", False)
+        if longer.num_tokens > self.train_split.num_tokens:
+            self._train_on(longer)
+
+    def _train_on(self, longer) -> None:
         self.train_split = longer
         for batches in self.micro_batches:
             batches.split = longer
+
+    def start_tokenising_beside(self) -> None:
+        """Before the first step, on the main process of a run that tokenises beside training: the
+        thread starts on the rest of what the plan wants, as training starts."""
+        if self.beside is None or self.plan.tokens_planned is None:
+            return
+        if self.plan.tokens_planned > self.plan.tokens_to_prepare:
+            speed = self.plan.tokens_per_second or 0.0
+            self.beside.start(max_tokens=self.plan.tokens_planned,
+                              shard_tokens=max(self.tokens_per_step, int(speed * BESIDE_SHARD_SECONDS)))
+            self.say(f"data: tokenising beside training, up to {self.plan.tokens_planned:,} tokens of the source")
+
+    def stop_tokenising_beside(self) -> None:
+        """At the end of training (or a stop): the thread ends at a document's end, and its last shards
+        count in the summary; the folder is left finished, and extendable by a later run. A failure
+        the steps have not met yet is said, not raised: the training it would stop is done."""
+        if self.beside is None:
+            return
+        try:
+            self.beside.stop()
+            manifest = self.beside.take_newest()
+        except TokenisingFailed as err:
+            self.say(f"warning: {err}")
+            return
+        if manifest is not None:
+            self.train_split = ShardedDataset(self.data_dir, manifest, committed_only=True).split("train")
+        self.say(f"data: tokenised beside training for {self.beside.seconds:.1f} s "
+                 f"({self.train_split.num_tokens:,} training tokens in all)")
 
     def time_the_evaluation(self) -> None:
         """Evaluate a slice of the validation split (two batches, untrained weights: the same work), so
@@ -340,6 +431,10 @@ def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = 
     torch.set_num_threads(threads)
     if device.type == "cpu":
         say(f"CPU: {cpu_description(threads)}; threads: {why}")
+    if device.type != "cpu" and config.tokenise_beside_training is not False and "RAYON_NUM_THREADS" not in os.environ:
+        # The tokenizer's threads (Rust's rayon pool, made at its first use, after this) tokenise beside
+        # training: they leave one core to the Python thread that drives the card.
+        os.environ["RAYON_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) - 1))
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for whatever stays in float32 (bf16 autocast covers the rest)
     set_seed(config.seed)
@@ -417,6 +512,7 @@ def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = 
         loss_kwargs={"skip_logits": True} if isinstance(raw_model, IterativeLLMForCausalLM) else {},
         state=state, say=say, budget=budget, plan=plan,
         data_dir=_data_dir(config, out),
+        beside=_tokeniser_beside(config, plan, budget, tokenizer, _data_dir(config, out), out) if main_process else None,
     )
 
 
@@ -465,6 +561,21 @@ def _planned_data(config: TrainConfig, accelerator, out: Path, say, machine: Dev
     return plan, tokenizer, train_split, val_split
 
 
+def _tokeniser_beside(config: TrainConfig, plan: Plan, budget: TimeBudget, tokenizer, data_dir: Path,
+                      out: Path) -> TokeniserBeside | None:
+    """The thread that tokenises the rest of the data while training runs, when the plan says so:
+    the same preparation as before the first step, under the data folder's lock, without bars."""
+    if budget.seconds is None or plan.tokenise_beside is None or not plan.tokenise_beside.value:
+        return None
+
+    def prepare(*, max_tokens: int, shard_tokens: int, stop, on_commit) -> None:
+        with hold(data_dir, DATA_IN_USE):
+            _prepare_shards(config, tokenizer, data_dir, out, max_tokens=max_tokens, progress=False,
+                            shard_tokens=shard_tokens, stop=stop, on_commit=on_commit)
+
+    return TokeniserBeside(prepare)
+
+
 def _tokens_trained_in(checkpoint: Path) -> int:
     """The tokens a checkpoint had trained on; 0 when its state cannot be read (resume then skips it
     for an older one, and the data is extended as training goes if that reads more)."""
@@ -507,12 +618,15 @@ def _the_plan(config: TrainConfig, accelerator, machine: Device, budget: TimeBud
     return plan
 
 
-def _prepare_shards(config: TrainConfig, tokenizer, data_dir: Path, out: Path, max_tokens: int | None = None) -> None:
+def _prepare_shards(config: TrainConfig, tokenizer, data_dir: Path, out: Path, max_tokens: int | None = None,
+                    progress: bool | None = None, **beside) -> None:
+    """prepare_shards with the run's data settings (`beside`: a thread's shard_tokens, stop, on_commit)."""
     try:
         prepare_shards(
             config.data, tokenizer, data_dir, text_column=config.text_column, doc_separator=config.doc_separator,
             val_source=config.val_data, val_fraction=config.val_fraction, max_documents=config.max_documents,
-            max_tokens=max_tokens, on_decode_error=config.on_decode_error, progress=config.progress,
+            max_tokens=max_tokens, on_decode_error=config.on_decode_error,
+            progress=config.progress if progress is None else progress, **beside,
         )
     except ShardSettingsError as err:
         made_from = err.manifest.get("paths", {}).get("source")
@@ -683,10 +797,14 @@ def finish(run: Run) -> dict:
         "first_loss": run.first_loss,
         # Data sized to the run: what was tokenised for training, and what training read of it.
         "tokens_prepared": run.train_split.num_tokens, "tokens_trained": state["tokens"],
+        "tokens_prepared_before_first_step": run.tokens_prepared_first,
         "seconds_to_first_step": None if budget.first_step_at is None else round(budget.first_step_at, 3),
+        # Tokenised in a thread while training ran (an accelerator's run), not on the clock's phases.
+        "seconds_tokenising_beside_training": round(run.beside.seconds, 3) if run.beside is not None else None,
         "plan": {"precision": run.plan.precision.reason, "micro_batch": run.plan.micro_batch.value,
                  "micro_batch_why": run.plan.micro_batch.reason, "model": run.plan.model, "depth": run.plan.depth,
                  "tokens_per_second_probed": run.plan.tokens_per_second,
+                 "tokenise_beside_training": None if run.plan.tokenise_beside is None else run.plan.tokenise_beside.value,
                  "ladder": [vars(c) for c in run.plan.ladder] if run.plan.ladder else None},
     }
     if run.main_process:

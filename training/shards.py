@@ -170,10 +170,12 @@ class _ConcatenatedTokens:
 class ShardedDataset:
     """A shard folder written by prepare_shards: `split("train")`, `split("val")` and its metadata."""
 
-    def __init__(self, root: str | os.PathLike, manifest: dict):
+    def __init__(self, root: str | os.PathLike, manifest: dict, *, committed_only: bool = False):
+        """`committed_only`: the shards a manifest lists while their preparation still goes on (each
+        listed shard is written whole before it is listed); otherwise the folder must be finished."""
         self.root = Path(root)
         self.manifest = manifest
-        if not manifest.get("complete"):
+        if not manifest.get("complete") and not committed_only:
             raise ValueError(f"{self.root} holds an unfinished preparation: run prepare_shards again "
                              "with the same settings to finish it")
         self.vocab_size = int(manifest["vocab_size"])
