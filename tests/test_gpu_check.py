@@ -38,7 +38,7 @@ def test_gpu_check_runs_on_cpu_and_passes_its_checks(tmp_path, corpus):
     assert (tmp_path / "work" / "profile.txt").read_text().strip()
     session = report["session"]  # the README's first command, shortened: within its budget, learning
     assert all(session["checks"].values()) and session["plan"]["depth"] >= 1
-    assert session["tokens_trained"] <= session["tokens_prepared"] <= 1.5 * session["tokens_trained"] + 50_000
+    assert 0 < session["tokens_prepared"] <= 1.5 * session["tokens_trained"] + 50_000  # (a small corpus repeats)
 
 
 def test_gpu_check_refuses_a_folder_without_text_and_a_used_out_folder(tmp_path):
