@@ -30,14 +30,15 @@ WIDTH_PER_DEPTH = 32
 HEAD_DIM = 32
 DEPTHS = tuple(range(1, 25))
 # Tokens a size wants per parameter (embedding and head included) under our recipe. Set before it
-# was measured; benchmarks/ladder.py at a 4-minute budget on 2 CPU cores brackets it
-# (benchmarks/results/ladder_cpu.md): the best depth trained 6.6 tokens per parameter, the next
-# larger (worse) 2.1, so any value between picks the best there. A 15-minute table would narrow it.
+# was measured; benchmarks/ladder.py on 2 CPU cores (benchmarks/results/ladder_cpu.md) put the best
+# size at 6.1-6.4 tokens per parameter under a 4-minute budget (the next larger, at 2.2, worse) and
+# at 3.4 under 15 minutes (the next smaller, at 8.3, 0.008 bits per byte worse); with the probe's
+# speeds, 4 chose the best size at both.
 TOKENS_PER_PARAMETER = 4.0
 # A size whose speed, estimated from the last size probed by their FLOPs per token, would see fewer
-# than this share of the tokens the rule asks is not probed: the climb stops before it. FLOPs overstate
-# how much slower the next size is at these sizes (2 CPU cores, benchmarks/results/ladder_cpu.md: depth
-# 1 to 2 is 2.5x the FLOPs and 1.9x the time, 2 to 3 is 2.0x and 1.6x), so such a size fails the rule
+# than this share of the tokens the rule asks is not probed: the climb stops before it. On 2 CPU
+# cores FLOPs put each next size 1.8-2.7x slower (depths 1-4), and the probes, run alone, measured
+# 1.5-2.8x (benchmarks/results/ladder_cpu.md): within a factor of 1.4, so such a size fails the rule
 # anyway, and its probe, the longest of the climb, would only take time from training.
 SKIP_BELOW_SHARE = 0.5
 # The AdamW learning rates of the recipe are set for width 768 and scale as (768 / width) ** 0.5
