@@ -332,11 +332,16 @@ class Plan:
                                   f"{self.activation_checkpointing.reason}")]
         if self.tokens_per_second:
             rows.append(("speed", f"{self.tokens_per_second:,.0f} training tokens/s (probed)"))
-        if self.tokens_to_prepare and self.tokenise_beside is not None and self.tokenise_beside.value:
+        beside = self.tokenise_beside is not None and self.tokenise_beside.value
+        if self.tokens_to_prepare and beside and (self.tokens_planned or 0) > self.tokens_to_prepare:
             rows.append(("data", f"tokenise {self.tokens_to_prepare:,} tokens of {c.data} now (the first "
                                  f"{BESIDE_FIRST_SECONDS:.0f} s of training), the rest of {self.tokens_planned:,} "
                                  f"({DATA_MARGIN}x what the training time takes at that speed) beside training: "
                                  f"{self.tokenise_beside.reason}"))
+        elif self.tokens_to_prepare and beside:
+            rows.append(("data", f"tokenise up to {self.tokens_to_prepare:,} tokens of {c.data} now: {DATA_MARGIN}x "
+                                 f"what the training time takes at that speed (under {BESIDE_FIRST_SECONDS:.0f} s of "
+                                 "training); more beside training as the measured speed asks"))
         elif self.tokens_to_prepare:
             rows.append(("data", f"tokenise up to {self.tokens_to_prepare:,} tokens of {c.data} now: "
                                  f"{FIRST_SHARE.get(device.kind, 1.0):.0%} of {DATA_MARGIN}x what the training time "

@@ -353,7 +353,7 @@ class Run:
         """At the end of training (or a stop): the thread ends at a document's end, and its last shards
         count in the summary; the folder is left finished, and extendable by a later run. A failure
         the steps have not met yet is said, not raised: the training it would stop is done."""
-        if self.beside is None:
+        if self.beside is None or not self.beside.starts:
             return
         try:
             self.beside.stop()
