@@ -232,7 +232,8 @@ DATA_MARGIN = 1.1
 # miss the speed by a factor of two either way on a machine that others use, and tokenising is
 # 10-50 times faster than training there: the run prepares half, then extends the shards at a log
 # row as its measured speed says (pretrain.py `extend_the_data`), a pause of seconds. An accelerator
-# measures steadily, and the pause would be minutes: it prepares all of it first.
+# measures steadily, and the pause would be minutes: when it does not tokenise beside training
+# (below; --tokenise_beside_training false), it prepares all of it first.
 FIRST_SHARE = {"cpu": 0.5}
 # Tokenising beside training (an accelerator's run, training/tokenise_beside.py): the run tokenises
 # what its first BESIDE_FIRST_SECONDS of training read before the first step, and a thread the rest
