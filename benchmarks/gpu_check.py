@@ -426,8 +426,8 @@ def main(argv=None) -> int:
 
     if 5 in args.phases:
         overrides = dict(plan["session"])
-        budget = args.budget or overrides.pop("budget")
-        overrides.pop("budget", None)
+        budget = args.budget or overrides["budget"]
+        del overrides["budget"]
         phase(f"5. the session: --preset auto --time_budget {budget}")
         torch.compiler.reset()
         try:

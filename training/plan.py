@@ -370,8 +370,10 @@ def fit_run(config, *, device: Device, torch_device: torch.device, budget, world
     from .budget import format_seconds
 
     precision = choose_precision(device, config.precision)
-    beside = choose_tokenise_beside(device, config.tokenise_beside_training)
     timed = budget.seconds is not None
+    # The thread's share is planned from the budget's speed probe: without one, all is tokenised first.
+    beside = (choose_tokenise_beside(device, config.tokenise_beside_training) if timed
+              else Decision(False, "no --time_budget: the run tokenises all it reads before the first step"))
     auto_size = config.model_preset == "auto"
     if auto_size and not timed:
         raise ValueError("--preset auto chooses the model size for the time the run has: give it a --time_budget "

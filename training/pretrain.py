@@ -235,11 +235,7 @@ class Run:
         c = self.config
         start = time.perf_counter()
         with eagerly(c.compile):
-            result = evaluate(
-                self.raw_model, self.val_split, self.byte_lengths, batch_size=c.batch_size, seq_len=c.seq_len,
-                max_tokens=c.eval_tokens, device=self.device, autocast=self.accelerator.autocast, rank=self.rank,
-                world_size=self.world_size, document_positions=c.document_masking,
-            )
+            result = self._validation_loss(c.eval_tokens)
             result.update(hellaswag_in_run(c, self.raw_model, self.tokenizer, self.state["step"],
                                            final=self.progress() >= 1.0, autocast=self.accelerator.autocast,
                                            rank=self.rank, world_size=self.world_size))
@@ -281,10 +277,7 @@ class Run:
                 soon = min([s["tokens"] + speed * min(rest, BESIDE_FIRST_SECONDS)] + limits)
                 if self.main_process and not self.beside.running and soon > self.train_split.num_tokens:
                     wanted = min([s["tokens"] + DATA_MARGIN * speed * rest] + limits)
-                    self.beside.start(max_tokens=int(wanted / share_kept),
-                                      shard_tokens=max(self.tokens_per_step, int(speed * BESIDE_SHARD_SECONDS)))
-                    self.say(f"data: tokenising beside training up to {wanted:,.0f} training tokens "
-                             f"(training reads {speed:,.0f} tokens/s)")
+                    self._tokenise_beside_up_to(int(wanted / share_kept), speed)
                 return  # the main process's thread tokenises; the others take up its shards above
             soon = min([s["tokens"] + speed * min(rest, EXTEND_AHEAD)] + limits)
             wanted = min([s["tokens"] + speed * min(rest, 2 * EXTEND_AHEAD)] + limits)
@@ -313,9 +306,8 @@ class Run:
 
     @property
     def tokenising_beside(self) -> bool:
-        """The plan's choice, under a time budget (the main process then has the thread)."""
-        decision = self.plan.tokenise_beside
-        return self.budget.seconds is not None and decision is not None and bool(decision.value)
+        """The plan's choice (the main process then has the thread)."""
+        return self.plan.tokenise_beside is not None and bool(self.plan.tokenise_beside.value)
 
     def _take_up_new_shards(self) -> None:
         """The shards the tokenising thread has committed since the last call, on every process."""
@@ -326,7 +318,7 @@ class Run:
             manifest = broadcast_object_list([manifest])[0]
         if manifest is None:
             return
-        longer = ShardedDataset(self.data_dir, manifest, committed_only=True).split("train")
+        longer = self._committed_train_split(manifest)
         if manifest["complete"]:
             # The thread has read what it was asked for (capped: the source holds more) or all there was.
             self._source_exhausted = not manifest["progress"]["source"].get("capped", False)
@@ -344,10 +336,18 @@ class Run:
         if self.beside is None or self.plan.tokens_planned is None:
             return
         if self.plan.tokens_planned > self.plan.tokens_to_prepare:
-            speed = self.plan.tokens_per_second or 0.0
-            self.beside.start(max_tokens=self.plan.tokens_planned,
-                              shard_tokens=max(self.tokens_per_step, int(speed * BESIDE_SHARD_SECONDS)))
-            self.say(f"data: tokenising beside training, up to {self.plan.tokens_planned:,} tokens of the source")
+            self._tokenise_beside_up_to(self.plan.tokens_planned, self.plan.tokens_per_second or 0.0)
+
+    def _tokenise_beside_up_to(self, max_tokens: int, speed: float) -> None:
+        """The thread on `max_tokens` of the source, a shard committed per BESIDE_SHARD_SECONDS of
+        training at `speed` (tokens/s)."""
+        shard_tokens = max(self.tokens_per_step, int(speed * BESIDE_SHARD_SECONDS))
+        self.beside.start(max_tokens=max_tokens, shard_tokens=shard_tokens)
+        self.say(f"data: tokenising beside training, up to {max_tokens:,} tokens of the source "
+                 f"(training reads {speed:,.0f} tokens/s)")
+
+    def _committed_train_split(self, manifest: dict):
+        return ShardedDataset(self.data_dir, manifest, committed_only=True).split("train")
 
     def stop_tokenising_beside(self) -> None:
         """At the end of training (or a stop): the thread ends at a document's end, and its last shards
@@ -362,9 +362,15 @@ class Run:
             self.say(f"warning: {err}")
             return
         if manifest is not None:
-            self.train_split = ShardedDataset(self.data_dir, manifest, committed_only=True).split("train")
+            self.train_split = self._committed_train_split(manifest)
         self.say(f"data: tokenised beside training for {self.beside.seconds:.1f} s "
                  f"({self.train_split.num_tokens:,} training tokens in all)")
+
+    def _validation_loss(self, max_tokens: int | None) -> dict:
+        c = self.config
+        return evaluate(self.raw_model, self.val_split, self.byte_lengths, batch_size=c.batch_size, seq_len=c.seq_len,
+                        max_tokens=max_tokens, device=self.device, autocast=self.accelerator.autocast, rank=self.rank,
+                        world_size=self.world_size, document_positions=c.document_masking)
 
     def time_the_evaluation(self) -> None:
         """Evaluate a slice of the validation split (two batches, untrained weights: the same work), so
@@ -375,9 +381,7 @@ class Run:
         tokens = min(2 * c.batch_size * c.seq_len, self.budget.eval_tokens or self.val_split.num_tokens)
         start = time.perf_counter()
         with eagerly(c.compile):
-            evaluate(self.raw_model, self.val_split, self.byte_lengths, batch_size=c.batch_size, seq_len=c.seq_len,
-                     max_tokens=tokens, device=self.device, autocast=self.accelerator.autocast, rank=self.rank,
-                     world_size=self.world_size, document_positions=c.document_masking)
+            self._validation_loss(tokens)
         per_token = (time.perf_counter() - start) / tokens
         self.budget.measured_evaluation(per_token * (self.budget.eval_tokens or self.val_split.num_tokens))
 
@@ -512,7 +516,7 @@ def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = 
         loss_kwargs={"skip_logits": True} if isinstance(raw_model, IterativeLLMForCausalLM) else {},
         state=state, say=say, budget=budget, plan=plan,
         data_dir=_data_dir(config, out),
-        beside=_tokeniser_beside(config, plan, budget, tokenizer, _data_dir(config, out), out) if main_process else None,
+        beside=_tokeniser_beside(config, plan, tokenizer, _data_dir(config, out), out) if main_process else None,
     )
 
 
@@ -561,11 +565,10 @@ def _planned_data(config: TrainConfig, accelerator, out: Path, say, machine: Dev
     return plan, tokenizer, train_split, val_split
 
 
-def _tokeniser_beside(config: TrainConfig, plan: Plan, budget: TimeBudget, tokenizer, data_dir: Path,
-                      out: Path) -> TokeniserBeside | None:
+def _tokeniser_beside(config: TrainConfig, plan: Plan, tokenizer, data_dir: Path, out: Path) -> TokeniserBeside | None:
     """The thread that tokenises the rest of the data while training runs, when the plan says so:
     the same preparation as before the first step, under the data folder's lock, without bars."""
-    if budget.seconds is None or plan.tokenise_beside is None or not plan.tokenise_beside.value:
+    if plan.tokenise_beside is None or not plan.tokenise_beside.value:
         return None
 
     def prepare(*, max_tokens: int, shard_tokens: int, stop, on_commit) -> None:
