@@ -12,6 +12,15 @@ from __future__ import annotations
 import importlib
 import sys
 
+# The modules of the optional extras (pyproject.toml), by the extra that installs them: a stage that
+# cannot import one of these is missing that extra. Any other missing module is not something an
+# install of ours brings, and is reported as it is (tests/test_cli.py holds this table to pyproject).
+EXTRA_MODULES: dict[str, str] = {
+    "accelerate": "train", "datasets": "train", "trl": "train", "peft": "train", "yaml": "train",
+    "tqdm": "train", "tensorboard": "train", "matplotlib": "train", "pyarrow": "train", "psutil": "train",
+    "lm_eval": "eval",
+}
+
 # stage name -> (module, one-line help). Order is the order of the pipeline.
 STAGES: dict[str, tuple[str, str]] = {
     "prepare": ("training.prepare", "tokenise a text source into train/val token shards, ahead of training"),
@@ -47,10 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        # A missing optional dependency (datasets, trl, ...) is the usual cause: say how to get it.
+        top = (err.name or "").split(".")[0]
+        if top not in EXTRA_MODULES:
+            raise  # not a missing extra: the traceback says what is wrong, and no install would help
+        # A missing optional dependency (datasets, trl, ...): say which extra brings it.
+        extra = EXTRA_MODULES[top]
         print(
-            f"iterative-llm {stage}: cannot import {err.name!r}. Install the training extras: "
-            f"pip install 'iterative-llm[train]'",
+            f"iterative-llm {stage}: cannot import {err.name!r}. Install the {extra} extras: "
+            f"pip install 'iterative-llm[{extra}]'",
             file=sys.stderr,
         )
         return 2

@@ -24,6 +24,20 @@ from transformers.hf_argparser import string_to_bool
 _BOOLEAN_WORDS = ("yes", "no", "true", "false", "t", "f", "y", "n", "1", "0")
 
 
+def shell_word(value) -> str:
+    """`value` (a path, say) as one word of a command the user may paste back into their shell: quoted
+    where it has spaces or other special characters, the way this system's shell reads quotes
+    (cmd.exe and PowerShell take double quotes; POSIX shells single ones), as it is otherwise."""
+    text = str(value)
+    if sys.platform == "win32":
+        import subprocess
+
+        return subprocess.list2cmdline([text])
+    import shlex
+
+    return shlex.quote(text)
+
+
 def did_you_mean(name: str, choices: list[str]) -> str:
     """The hint `" Did you mean 'x'?"` naming the choice closest to `name`, or "" when none is close.
 

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from iterative_llm.command_line import CommandParser, parse_command_line
+from iterative_llm.command_line import CommandParser, parse_command_line, shell_word
 from iterative_llm.run_folder import run_of_checkpoint
 
 # Sampling defaults, set here only: `iterative-llm generate`, the samples logged during training
@@ -42,7 +42,7 @@ def find_model_folder(path: str | Path) -> tuple[Path, Path]:
         return checkpoint, path
     raise FileNotFoundError(
         f"{path} holds no model: no config.json with safetensors weights and no checkpoints. "
-        f"Train one with `iterative-llm train --out {path}` first."
+        f"Train one with `iterative-llm train --out {shell_word(path)}` first."
     )
 
 

@@ -28,10 +28,10 @@ compiled-gradient check runs in the warm-up (training/step.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,6 +41,7 @@ from typing import Any, Callable
 import torch
 
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM, run_folder
+from iterative_llm.command_line import shell_word
 from iterative_llm.tokenization import check_tokenizer_matches_model, token_byte_lengths
 
 from . import ladder
@@ -63,7 +64,10 @@ from .prepare import ShardSettingsError, prepare_shards, tokenizer_for
 from .run_lock import FolderInUse, hold
 from .shards import MANIFEST, ShardedDataset
 from .sources import iter_documents
-from .step import compile_model, eagerly, to_model_inputs, train_step, warm_up_compiled
+from .stop_request import StopRequest
+from .step import (
+    compile_model, compile_problem, eagerly, to_model_inputs, train_step, uncompile_model, warm_up_compiled,
+)
 from .tokenise_beside import TokeniserBeside, TokenisingFailed
 from .versions import package_versions
 
@@ -145,12 +149,8 @@ def _train(config: TrainConfig, model_factory=None, started: float | None = None
         # away, does it here, so that `max_time` is training time and its cool-down comes at its end.
         # The same step compares the compiled gradients with the eager ones, since a compiled graph that
         # trains on wrong gradients is invisible otherwise.
-        if config.compile:
-            start = time.perf_counter()
-            run.say("compiling the model (a warm-up step whose gradients are thrown away; not counted as training time) ...")
-            check = warm_up_compiled(run.model, run.step_inputs(0, run.state["step"]), run.loss_kwargs, config.compile_check)
-            run.compile_seconds = time.perf_counter() - start
-            run.say(f"compiled in {run.compile_seconds:.1f} s" + (f"; {check}" if check else ""))
+        if run.config.compile:
+            _warm_up_or_train_eagerly(run)
 
         if budget.seconds is not None:
             run.time_the_evaluation()
@@ -160,10 +160,34 @@ def _train(config: TrainConfig, model_factory=None, started: float | None = None
         run.stop_tokenising_beside()
     if stopped_by is not None:
         run.say(f"Stopped by {stopped_by} at step {run.state['step']}. "
-                f"Continue with: iterative-llm train --out {run.out} --resume")
+                f"Continue with: iterative-llm train --out {shell_word(run.out)} --resume")
         _end_processes(run.accelerator)
         return {"stopped": True, **run.state}
     return finish(run)
+
+
+def _warm_up_or_train_eagerly(run: "Run") -> None:
+    """The compile's warm-up step; where torch.compile fails on this machine (a compiler it needs is
+    missing, a backend that does not support an operation), the run goes on eagerly, saying so in one
+    line, rather than ending in a traceback after the preparation's minutes. A compiled model whose
+    gradients differ from eager ones still stops the run (TrainingError): that is no machine's lack."""
+    start = time.perf_counter()
+    run.say("compiling the model (a warm-up step whose gradients are thrown away; not counted as training time) ...")
+    try:
+        check = warm_up_compiled(run.model, run.step_inputs(0, run.state["step"]), run.loss_kwargs,
+                                 run.config.compile_check)
+    except TrainingError:
+        raise
+    except Exception as err:
+        lines = str(err).strip().splitlines()
+        run.compile_fallback = f"torch.compile failed ({type(err).__name__}: {lines[0] if lines else ''})"
+        uncompile_model(run.raw_model)
+        run.config = dataclasses.replace(run.config, compile=False)
+        run.model.zero_grad(set_to_none=True)
+        run.say(f"--compile true: {run.compile_fallback}; training eagerly (as with --compile false)")
+        return
+    run.compile_seconds = time.perf_counter() - start
+    run.say(f"compiled in {run.compile_seconds:.1f} s" + (f"; {check}" if check else ""))
 
 
 # ---------------------------------------------------------------------- what a run holds
@@ -192,6 +216,7 @@ class Run:
     budget: TimeBudget  # the command's clock: its deadline under --time_budget, and each phase's seconds
     plan: Plan  # what the run was fitted to, and why
     compile_seconds: float = 0.0
+    compile_fallback: str | None = None  # why --compile true trained eagerly, if it did
     first_loss: float | None = None
     data_dir: Path | None = None  # where the shards are, to extend them when training needs more
     beside: TokeniserBeside | None = None  # the main process's tokenising thread, when the plan says so
@@ -302,7 +327,7 @@ class Run:
                 raise  # the launcher stops the other processes; the last scheduled checkpoint stands
             self.checkpoint("more data could not be read")
             raise TrainingError(f"{str(err).rstrip('.')}. Step {s['step']} is checkpointed: once that is fixed, "
-                                f"continue with `iterative-llm train --out {self.out} --resume`.") from err
+                                f"continue with `iterative-llm train --out {shell_word(self.out)} --resume`.") from err
 
     @property
     def tokenising_beside(self) -> bool:
@@ -485,8 +510,14 @@ def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = 
         _write_run_files(out, config, model_config, tokenizer, resume_from is not None, state["step"])
     accelerator.wait_for_everyone()
 
+    compile_fallback = None
     if config.compile:
-        compile_model(raw_model)
+        compile_fallback = compile_problem(device.type)
+        if compile_fallback:
+            say(f"--compile true: {compile_fallback}; training eagerly (as with --compile false)")
+            config = dataclasses.replace(config, compile=False)
+        else:
+            compile_model(raw_model)
     model = accelerator.prepare(raw_model)
     if world_size > 1:
         _KEEP_UNTIL_EXIT.append(model)  # its DDP reducer holds the process group
@@ -514,7 +545,7 @@ def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = 
         # Our model computes the loss chunk by chunk without keeping the (B, T, V) logits
         # (`skip_logits`); a baseline model from `model_factory` gets the plain call.
         loss_kwargs={"skip_logits": True} if isinstance(raw_model, IterativeLLMForCausalLM) else {},
-        state=state, say=say, budget=budget, plan=plan,
+        state=state, say=say, budget=budget, plan=plan, compile_fallback=compile_fallback,
         data_dir=_data_dir(config, out),
         beside=_tokeniser_beside(config, plan, tokenizer, _data_dir(config, out), out) if main_process else None,
     )
@@ -637,7 +668,8 @@ def _prepare_shards(config: TrainConfig, tokenizer, data_dir: Path, out: Path, m
         raise TrainingError(
             f"{data_dir} holds the token shards of another data source or other data settings "
             f"({'; '.join(err.differences)}); this run asks for --data {config.data}. "
-            + (f"To continue the run in {out}, use `iterative-llm train --out {out} --resume` with no data options: "
+            + (f"To continue the run in {out}, use `iterative-llm train --out {shell_word(out)} --resume` with no data "
+               f"options: "
                f"it reads the run's own settings from {run_folder.RUN_CONFIG}. " if own_run else "")
             + f"To train on {made_from}, pass --data {made_from} with the settings the shards were made with; to "
             f"train on {config.data}, choose another --out, or a --data_cache folder of its own. Nothing was changed."
@@ -665,73 +697,69 @@ def _build_model(config: TrainConfig, tokenizer, device, model_factory):
 
 
 def train_loop(run: Run) -> str | None:
-    """Optimizer steps until the budget is spent; returns the signal's name when Ctrl-C or SIGTERM
-    stopped it first (after a checkpoint), else None."""
+    """Optimizer steps until the budget is spent; returns what stopped it first (after a checkpoint):
+    the signal's name for Ctrl-C or SIGTERM, "closing the console window" ..., else None."""
     config, state, accelerator = run.config, run.state, run.accelerator
-    # Ctrl-C / SIGTERM ask the loop to checkpoint and stop at the end of the current step.
-    stop_requested = {"signal": None}
+    # Ctrl-C, SIGTERM (and on Windows Ctrl-Break and closing the window) ask the loop to checkpoint
+    # and stop at the end of the current step (training/stop_request.py).
+    with StopRequest() as stop_request:
+        bar = _progress_bar(config, run.main_process, state["step"], run.accumulation, run.world_size)
+        log = _TrainingLog(run, bar)
+        clip = (lambda parameters, max_norm: accelerator.clip_grad_norm_(parameters, max_norm))
+        try:
+            while run.progress() < 1.0:
+                step_start = time.perf_counter()
+                multiplier = lr_multiplier(state["step"], config.warmup_steps, run.progress(),
+                                           cooldown_fraction=config.cooldown_fraction,
+                                           final_ratio=config.final_lr_ratio, shape=config.schedule)
+                apply_lr(run.optimizers, multiplier)
+                if config.optimizer == "muon":
+                    apply_muon_momentum(run.optimizers, muon_momentum(
+                        state["step"], warmup_steps=config.muon_momentum_warmup_steps))
 
-    def request_stop(signum, frame):
-        if stop_requested["signal"] is not None:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        stop_requested["signal"] = signal.Signals(signum).name
+                step_loss = train_step(
+                    run.model, run.optimizers,
+                    (run.step_inputs(micro, state["step"]) for micro in range(run.accumulation)),
+                    accumulation=run.accumulation, grad_clip=config.grad_clip, loss_kwargs=run.loss_kwargs, clip=clip,
+                    # Gradients are averaged across processes only on the last micro-step.
+                    no_sync=(lambda: accelerator.no_sync(run.model)) if run.world_size > 1 else None,
+                    scaler=accelerator.scaler,  # fp16 only: None otherwise
+                )
+                log.add(step_loss)
+                if run.device.type == "cuda" and (state["step"] + 1) % config.log_every == 0:
+                    torch.cuda.synchronize()  # so the step times below are real, not queued work
+                elapsed = time.perf_counter() - step_start
+                run.budget.first_step_done()
+                state["step"] += 1
+                state["tokens"] += run.tokens_per_step
+                state["time"] += elapsed
+                log.seconds += elapsed
 
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if _in_main_thread() else {}
-    bar = _progress_bar(config, run.main_process, state["step"], run.accumulation, run.world_size)
-    log = _TrainingLog(run, bar)
-    clip = (lambda parameters, max_norm: accelerator.clip_grad_norm_(parameters, max_norm))
-    try:
-        while run.progress() < 1.0:
-            step_start = time.perf_counter()
-            multiplier = lr_multiplier(state["step"], config.warmup_steps, run.progress(),
-                                       cooldown_fraction=config.cooldown_fraction, final_ratio=config.final_lr_ratio,
-                                       shape=config.schedule)
-            apply_lr(run.optimizers, multiplier)
-            if config.optimizer == "muon":
-                apply_muon_momentum(run.optimizers, muon_momentum(state["step"], warmup_steps=config.muon_momentum_warmup_steps))
+                last_step = run.progress() >= 1.0
+                due = lambda every: every > 0 and state["step"] % every == 0  # noqa: E731
+                stop_now = stop_request.reason is not None
+                if due(config.log_every) or last_step or stop_now or due(config.checkpoint_every):
+                    log.write(multiplier)
+                    if not last_step:
+                        run.extend_the_data()
+                if bar is not None:
+                    bar.update(1)
 
-            step_loss = train_step(
-                run.model, run.optimizers, (run.step_inputs(micro, state["step"]) for micro in range(run.accumulation)),
-                accumulation=run.accumulation, grad_clip=config.grad_clip, loss_kwargs=run.loss_kwargs, clip=clip,
-                # Gradients are averaged across processes only on the last micro-step.
-                no_sync=(lambda: accelerator.no_sync(run.model)) if run.world_size > 1 else None,
-                scaler=accelerator.scaler,  # fp16 only: None otherwise
-            )
-            log.add(step_loss)
-            if run.device.type == "cuda" and (state["step"] + 1) % config.log_every == 0:
-                torch.cuda.synchronize()  # so the step times below are real, not queued work
-            elapsed = time.perf_counter() - step_start
-            run.budget.first_step_done()
-            state["step"] += 1
-            state["tokens"] += run.tokens_per_step
-            state["time"] += elapsed
-            log.seconds += elapsed
-
-            last_step = run.progress() >= 1.0
-            due = lambda every: every > 0 and state["step"] % every == 0  # noqa: E731
-            stop_now = stop_requested["signal"] is not None
-            if due(config.log_every) or last_step or stop_now or due(config.checkpoint_every):
-                log.write(multiplier)
-                if not last_step:
-                    run.extend_the_data()
+                if due(config.eval_every) and not last_step and run.budget.evaluation_fits():
+                    result = run.evaluate()
+                    run.say(f"step {state['step']}: val loss {result['val_loss']:.4f}, "
+                            f"{result['val_bpb']:.4f} bits per byte")
+                if due(config.sample_every) and not last_step:
+                    run.samples()
+                if stop_now:
+                    run.checkpoint(f"stopped by {stop_request.reason}")
+                    stop_request.saved()
+                    return stop_request.reason
+                if due(config.checkpoint_every) and not last_step:
+                    run.checkpoint("scheduled")
+        finally:
             if bar is not None:
-                bar.update(1)
-
-            if due(config.eval_every) and not last_step and run.budget.evaluation_fits():
-                result = run.evaluate()
-                run.say(f"step {state['step']}: val loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits per byte")
-            if due(config.sample_every) and not last_step:
-                run.samples()
-            if stop_now:
-                run.checkpoint(f"stopped by {stop_requested['signal']}")
-                return stop_requested["signal"]
-            if due(config.checkpoint_every) and not last_step:
-                run.checkpoint("scheduled")
-    finally:
-        if bar is not None:
-            bar.close()
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
+                bar.close()
     return None
 
 
@@ -797,6 +825,7 @@ def finish(run: Run) -> dict:
         "train_tokens_available": run.train_split.num_tokens, "val_tokens": run.val_split.num_tokens,
         "processes": run.world_size, "precision": run.precision, "hardware": hardware(run.device, run.world_size),
         "compile": config.compile, "compile_seconds": round(run.compile_seconds, 3),
+        "compile_fallback": run.compile_fallback,
         "first_loss": run.first_loss,
         # Data sized to the run: what was tokenised for training, and what training read of it.
         "tokens_prepared": run.train_split.num_tokens, "tokens_trained": state["tokens"],
@@ -884,12 +913,6 @@ def _set_bar_total(bar, step: int, fraction: float) -> None:
         if bar.total != estimate:
             bar.total = estimate
             bar.refresh()
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

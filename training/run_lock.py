@@ -4,17 +4,22 @@
     with hold(folder, "choose another --out"):   # or FolderInUse, naming the process that has it
         ...
 
-The lock is the operating system's (`fcntl.flock` on FOLDER/.iterative-llm.lock), so it belongs to
-the process: it goes when the process ends, however it ends (a crash, Ctrl-C, kill -9), and there is
-never a stale lock to clean up. The file's content (process id, host, start time, command) is only
-for the message a second writer gets; whether the folder is taken is the kernel's answer alone.
-The holder removes the file as it lets go, so a folder holds one only while it is being written (or
-after a kill, harmlessly: the next holder takes it over).
+The lock is the operating system's, through `filelock` (flock on Linux and macOS, LockFileEx on
+Windows, on FOLDER/.iterative-llm.lock), so it belongs to the process: it goes when the process ends,
+however it ends (a crash, Ctrl-C, kill -9, a closed window), and there is never a stale lock to clean
+up. Where the file system has no such locks, filelock falls back to a lock file that records the
+holder's process id, and a later holder on the same machine takes it over once that process is gone.
+
+Who holds the folder (process id, host, start time, command) is written beside the lock, in
+FOLDER/.iterative-llm.holder.json, only for the message a second writer gets; whether the folder is
+taken is the lock's answer alone. It is a file of its own because Windows forbids reading the
+locked byte of a lock file, and filelock truncates the lock file as it tries it. The holder removes
+both files as it lets go, so a folder holds them only while it is being written (or after a kill,
+harmlessly: the next holder takes them over).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -27,6 +32,7 @@ from pathlib import Path
 # In any folder held, run or shard folder alike. This module imports nothing of the package, so that
 # a process holding a lock (in the tests, say) starts in a moment.
 LOCK_FILE = ".iterative-llm.lock"
+HOLDER_FILE = ".iterative-llm.holder.json"
 
 
 class FolderInUse(OSError):
@@ -38,52 +44,63 @@ def hold(folder: str | Path, advice: str) -> Iterator[Path]:
     """Hold `folder` (made if missing) against every other writer until the block ends.
 
     A second holder, in this process or another, gets FolderInUse with the first one's process id,
-    command and start time, then `advice`. The lock file goes at the end, and so does a folder this
+    command and start time, then `advice`. The lock files go at the end, and so does a folder this
     call made and nothing else wrote to, so that a start which fails at once leaves nothing behind.
     """
+    import warnings
+
     folder = Path(folder)
     made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_FILE
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    path, holder = folder / LOCK_FILE, folder / HOLDER_FILE
+    with warnings.catch_warnings():
+        # Where the OS lock is missing (a file system without flock), filelock says so with a warning
+        # and uses its lock file with the holder's process id instead: that still keeps one writer.
+        warnings.simplefilter("ignore", UserWarning)
+        import filelock
+
+        lock = filelock.FileLock(path, timeout=0)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _describe(os.read(fd, 4096))
-            os.close(fd)
-            raise FolderInUse(f"{folder} is being written by {holder}. {advice}") from None
-        # A holder removes the file as it lets go (below): a file locked just then is no longer the
-        # one at `path`, and holding it would exclude nobody.
-        try:
-            current = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
-            break
-        os.close(fd)
+            lock.acquire()
+        except filelock.Timeout:
+            raise FolderInUse(f"{folder} is being written by {_describe(holder)}. {advice}") from None
     try:
-        started = time.time()
-        os.ftruncate(fd, 0)
         command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else "python"
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started,
-                                 "command": command}).encode())
+        holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                                      "command": command}), encoding="utf-8")
         yield path
     finally:
-        path.unlink(missing_ok=True)  # while still held: see the check after flock above
+        _remove(holder)
+        if isinstance(lock, filelock.UnixFileLock):
+            # flock leaves its file behind; removed while still held, a process that opened it just then
+            # finds its lock on a file no longer there, and filelock makes it try again. (On Windows an
+            # open file cannot be removed: filelock removes it after letting go; a soft lock's file is
+            # how it is held, and goes as it lets go.)
+            path.unlink(missing_ok=True)
+        lock.release()
         if made:
             try:
                 folder.rmdir()
             except OSError:
                 pass  # not empty: the folder is in use
-        os.close(fd)  # lets go of the lock
 
 
-def _describe(content: bytes) -> str:
-    """'process 1234 on HOST (COMMAND), started 2026-12-03 09:30:12 UTC' from the lock file's content."""
+def _remove(path: Path) -> None:
+    """Remove a file that another process may be reading at this moment (Windows refuses to remove
+    an open file): a few tries over a second, then leave it; the next holder writes over it."""
+    for attempt in range(20):
+        try:
+            path.unlink(missing_ok=True)
+            return
+        except PermissionError:
+            time.sleep(0.05)
+
+
+def _describe(holder: Path) -> str:
+    """'process 1234 on HOST (COMMAND), started 2026-12-03 09:30:12 UTC' from the holder file."""
     try:
-        holder = json.loads(content)
-        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder["started"]))
-        return f"process {holder['pid']} on {holder['host']} ({holder['command']}), started {started}"
-    except (ValueError, KeyError, TypeError):
+        details = json.loads(holder.read_text(encoding="utf-8"))
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(details["started"]))
+        return f"process {details['pid']} on {details['host']} ({details['command']}), started {started}"
+    except (OSError, ValueError, KeyError, TypeError):
         return "another process (just starting)"  # it has the lock and has not written its details yet

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import sysconfig
 from collections.abc import Iterable, Iterator
@@ -176,14 +177,21 @@ def _supported_types() -> str:
     return ", ".join(_FILE_KINDS) + " (each optionally .gz)"
 
 
+# A Windows path, whatever this system is: a drive ("C:\\", "C:/") or a UNC share ("\\\\server").
+_WINDOWS_PATH = re.compile(r"^([A-Za-z]:[\\/]|\\\\)")
+
+
 def _looks_like_path(source: str) -> bool:
     # Hub names are "name" or "owner/name", plus ":config"; anything else that does not exist
-    # locally is a mistyped path, which deserves "no such file" rather than a network error.
+    # locally is a mistyped path, which deserves "no such file" rather than a network error. A
+    # backslash or a drive letter never occurs in a hub name ("C:/books" would otherwise read as
+    # dataset "C", config "/books").
     return (
         os.path.isabs(source)
         or source.startswith((".", "~"))
         or source.count("/") > 1
-        or (os.sep != "/" and os.sep in source)
+        or "\\" in source
+        or _WINDOWS_PATH.match(source) is not None
         or _file_kind(Path(source))[0] is not None
     )
 

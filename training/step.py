@@ -10,6 +10,7 @@ the eager ones (issue 14: a compiled graph that trained on zero gradients cost a
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -98,6 +99,40 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
         return model
     model.compile()
     return model
+
+
+def uncompile_model(model: torch.nn.Module) -> None:
+    """Undo `compile_model` in place: every region runs eagerly again (a fallback when compiling fails)."""
+    regions = list(model.model.layers) if isinstance(model, IterativeLLMForCausalLM) else [model]
+    for region in regions:
+        region._compiled_call_impl = None  # what nn.Module.compile() set
+    model.__dict__.pop("loss_from_hidden_states", None)  # the compiled bound method set above; the class's again
+
+
+def compile_problem(device_type: str) -> str | None:
+    """Why torch.compile cannot work for `device_type` on this machine, or None where it should.
+
+    Its default backend (inductor) writes kernels that need a compiler at run time: Triton on a CUDA
+    card (a plain `pip install torch` brings it on Linux, not on Windows, where it is the separate
+    `triton-windows`), and a C++ compiler on the CPU (g++ or clang; Visual Studio's `cl` on Windows,
+    found only in a Developer prompt; Xcode's command-line tools on a Mac). Without one, the first
+    compiled step fails with a long traceback. Apple's MPS is left to the warm-up to find out."""
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            hint = "pip install triton-windows" if sys.platform == "win32" else "pip install triton"
+            return f"torch.compile on a CUDA card needs Triton, which this install lacks ({hint})"
+    elif device_type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        except Exception:  # inductor's InvalidCxxCompiler, or an older torch without this function
+            hint = {"win32": "Visual Studio's C++ tools, run from a Developer prompt",
+                    "darwin": "xcode-select --install"}.get(sys.platform, "install g++ or clang")
+            return f"torch.compile on the CPU needs a C++ compiler, and none was found ({hint})"
+    return None
 
 
 def eagerly(compiled: bool):
