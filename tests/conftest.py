@@ -32,6 +32,20 @@ import iterative_llm  # noqa: E402  (registers the Auto classes)
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM  # noqa: E402
 
 
+# What only a POSIX system can do (fork, process groups, SIGKILL sent to ourselves): skipped on Windows,
+# where tests/test_any_desktop.py checks the same promises the way Windows keeps them.
+posix_only = pytest.mark.skipif(os.name != "posix", reason="needs fork, process groups or POSIX signals")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child Python process that imports this checkout: this one's, with the
+    checkout first on PYTHONPATH and what PYTHONPATH already held kept after it (CI's run as on
+    Windows puts a sitecustomize there that hides fcntl: .ci/run)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def assert_close_in_bf16(actual: torch.Tensor, expected: torch.Tensor, ulps: float = 2) -> None:
     """`actual` equals `expected` within `ulps` units in the last place of bfloat16 at the tensors' scale.
 

@@ -24,6 +24,8 @@ from training.prepare import prepare_shards
 from training.shards import ShardedDataset
 from training.sources import HubDatasetError, iter_documents
 
+from .conftest import posix_only
+
 # Hand-written documents that tend to break round trips, then plain generated ones so that the
 # hash split has enough documents to put some in validation.
 TRICKY = [
@@ -581,6 +583,7 @@ def _folder_bytes(folder) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@posix_only
 @pytest.mark.parametrize("kind", ["documents", "books"])
 def test_prepare_killed_at_any_write_then_rerun_makes_the_same_folder(kind, tmp_path, capsys):
     """kill -9 before each write of `iterative-llm prepare` in turn (the tokenizer, every shard, every

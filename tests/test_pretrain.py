@@ -25,7 +25,7 @@ from training.evaluate import evaluate, flops_per_token
 from training.pretrain import TrainingError, train
 from training.shards import ShardedDataset
 
-from .conftest import process_alive, run_process_tree, tiny_config, tiny_model
+from .conftest import child_env, posix_only, process_alive, run_process_tree, tiny_config, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def test_resume_after_a_stop_matches_the_uninterrupted_run(tmp_path, text_dir, m
 
     def interrupting(self, step):
         if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
         return original(self, step)
 
     interrupted = tmp_path / "interrupted"
@@ -170,6 +170,7 @@ def test_a_run_takes_its_threads_and_muon_precision_from_the_machine(tmp_path, t
     assert machine.cpu_name() in summary["hardware"] and "no native bf16" in summary["hardware"]
 
 
+@posix_only
 @pytest.mark.slow
 def test_two_data_parallel_processes_match_one_process(tmp_path, text_dir):
     """torchrun --nproc_per_node 2 (gloo, CPU) with 2 rows each == 1 process with 4 rows."""
@@ -183,7 +184,7 @@ def test_two_data_parallel_processes_match_one_process(tmp_path, text_dir):
 
     config.write_text(yaml.safe_dump(settings(text_dir, tmp_path / "ddp", batch_size=2, data_cache=str(single / "data"),
                                               **gentle)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = child_env(OMP_NUM_THREADS="1")
     # Well inside CI's limit; on a timeout the launcher and both workers are killed, none outlives the test.
     result = run_process_tree(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
@@ -195,6 +196,7 @@ def test_two_data_parallel_processes_match_one_process(tmp_path, text_dir):
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "ddp")), torch.tensor(losses(single)), rtol=1e-4, atol=1e-4)
 
 
+@posix_only
 def test_a_command_past_its_timeout_is_killed_with_all_its_processes(tmp_path):
     """What the data-parallel test relies on: a hung torchrun takes its workers down with it."""
     pid_file = tmp_path / "child.pid"
@@ -247,6 +249,7 @@ KILL_LOOP = textwrap.dedent(
 )
 
 
+@posix_only
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_breaks_the_latest_checkpoint(tmp_path):
     import random
@@ -537,7 +540,7 @@ def stop_at(monkeypatch, step: int) -> None:
     def interrupting(self, index):
         if index == step - 1:
             monkeypatch.setattr(RandomWindowBatches, "batch_at", original)
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
         return original(self, index)
 
     monkeypatch.setattr(RandomWindowBatches, "batch_at", interrupting)

@@ -4,7 +4,6 @@ process writes is refused with that process named; a kill -9 leaves nothing stal
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ from training import prepare
 from training.checkpoint import latest_checkpoint
 from training.run_lock import LOCK_FILE, FolderInUse, hold
 
-from .conftest import process_alive
+from .conftest import child_env, process_alive
 from .test_pretrain import settings, text_dir  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +53,7 @@ def holder(tmp_path):
 
 
 def kill_9(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGKILL)
+    process.kill()  # SIGKILL; TerminateProcess on Windows
     process.wait()
     assert not process_alive(process.pid)
 
@@ -121,7 +120,7 @@ def test_a_second_training_into_a_run_folder_is_refused_until_the_first_is_kille
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(settings(text_dir, run, max_steps=100_000, eval_every=0, checkpoint_every=2,
                                               log_every=100)))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     first = subprocess.Popen([sys.executable, "-m", "training.pretrain", "--config", str(config)], cwd=ROOT, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
