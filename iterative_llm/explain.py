@@ -72,6 +72,9 @@ def load(path: str):
             f"(it calls the model's own modules one by one)."
         )
     try:
+        # On the CPU in float32 on every machine, CUDA or Mac alike: explain runs one forward pass of
+        # one short text and reads every intermediate into NumPy for its figures and pictures, so an
+        # accelerator would save nothing, and float32 on the CPU gives the same figures everywhere.
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
     except Exception as err:  # noqa: BLE001  (any load failure becomes one clear line)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -50,21 +50,46 @@ def parse_duration(value: str | float | int) -> float:
     return seconds
 
 
-def process_start_time() -> float:
-    """When this process started, on the time.monotonic() clock: the budget counts Python's start and
-    the imports too, since the user's stopwatch does. Where /proc is missing, the time of the call."""
-    now = time.monotonic()
+# A process older than this when it asks is not a command the user just started (a test runner, a
+# notebook): its budget counts from the call.
+FRESH_PROCESS_SECONDS = 600
+# Linux's record of this process's start, and of the time since boot it is counted in.
+PROC_STAT, PROC_UPTIME = "/proc/self/stat", "/proc/uptime"
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started: from /proc on Linux, else (Windows, macOS) from psutil's
+    creation time, a wall-clock time; None where neither can tell."""
     try:
-        with open("/proc/self/stat") as f:
+        with open(PROC_STAT) as f:
             # Field 22 is the start time in clock ticks since boot; the name (field 2) may hold spaces.
             fields = f.read().rsplit(")", 1)[1].split()
         started_since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")
-        with open("/proc/uptime") as f:
+        with open(PROC_UPTIME) as f:
             uptime = float(f.read().split()[0])
-        age = uptime - started_since_boot
-        return now - age if 0 <= age < 600 else now  # a long-lived process (a test runner): count from now
-    except (OSError, ValueError, IndexError):
-        return now
+        return uptime - started_since_boot
+    except (OSError, ValueError, IndexError, AttributeError):  # no /proc (os.sysconf is missing on Windows)
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    try:
+        # Wall-clock against wall-clock: the age holds on the monotonic clock too, unless the
+        # system clock was set in between (the age check in process_start_time catches the worst).
+        return time.time() - psutil.Process().create_time()
+    except (OSError, psutil.Error):
+        return None
+
+
+def process_start_time() -> float:
+    """When this process started, on the time.monotonic() clock: the budget counts Python's start and
+    the imports too, since the user's stopwatch does. The start is read from /proc on Linux and from
+    psutil elsewhere; where neither can tell, or the process is older than FRESH_PROCESS_SECONDS (a
+    long-lived one, such as a test runner), it is the time of the call."""
+    now = time.monotonic()
+    age = _process_age()
+    return now - age if age is not None and 0 <= age < FRESH_PROCESS_SECONDS else now
 
 
 def format_seconds(seconds: float) -> str:

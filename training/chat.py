@@ -19,6 +19,7 @@ from transformers import TextStreamer
 
 from iterative_llm.command_line import CommandParser, parse_command_line
 
+from training.machine import default_device, fast_matmul_dtype
 from training.model_folder import end_of_turn_ids, load_tokenizer_with_template
 
 
@@ -34,7 +35,8 @@ class ChatArguments:
     top_p: float = field(default=0.9, metadata={"help": "nucleus sampling: keep the likeliest tokens up to this mass"})
     repetition_penalty: float = field(default=1.1, metadata={"help": "penalty on tokens already in the conversation"})
     seed: int | None = field(default=None, metadata={"help": "seed for reproducible sampling"})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (none: cuda when there is one)"})
+    device: str | None = field(default=None, metadata={
+        "help": "cpu, cuda, mps, ... (none: cuda when there is one, else mps on a Mac, else cpu)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run the modeling code shipped in the folder"})
 
 
@@ -146,8 +148,11 @@ def load_chat_model(args: ChatArguments):
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer_with_template(args.model_name_or_path, args.trust_remote_code)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    device = torch.device(args.device) if args.device else default_device()
+    # bf16 halves the weights' memory where the accelerator computes it natively; elsewhere (a CPU, a
+    # card or Mac that only emulates it) float32, which is faster there.
+    native = device.type != "cpu" and fast_matmul_dtype(device) == torch.bfloat16
+    dtype = torch.bfloat16 if native else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
         args.model_name_or_path, dtype=dtype, trust_remote_code=args.trust_remote_code
     ).to(device).eval()

@@ -26,6 +26,7 @@ import torch
 
 from iterative_llm.command_line import CommandParser, parse_command_line
 
+from .machine import default_device
 from .multiple_choice import HELLASWAG_REFERENCES, HellaSwagError, load_items, model_max_length, score_hellaswag
 from .sources import iter_documents
 
@@ -52,7 +53,8 @@ class EvalArguments:
     stride: int | None = field(default=None, metadata={
         "help": "tokens between windows of a long document (none: window / 2)"})
     batch_size: int = field(default=16, metadata={"help": "sequences per forward pass"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu, cuda, cuda:1, ..."})
+    device: str = field(default="auto", metadata={
+        "help": "auto (cuda when available, else mps on a Mac, else cpu), cpu, cuda, cuda:1, mps, ..."})
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={
         "help": "the dtype the models are loaded in"})
     trust_remote_code: bool = field(default=False, metadata={
@@ -114,7 +116,7 @@ def load_model(name: str, *, device: torch.device, dtype: torch.dtype, trust_rem
 
 def evaluate_models(args: EvalArguments) -> dict:
     """Every model on every requested yardstick; returns the figures that --json writes."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = default_device() if args.device == "auto" else torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     items = load_items(args.hellaswag, limit=args.limit) if args.hellaswag else None
     documents = None

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .batches import iter_eval_batches
-from .machine import cpu_description
+from .machine import cpu_description, cpu_name
 from .shards import TokenSplit
 
 
@@ -132,6 +132,8 @@ def hardware(device: torch.device, world_size: int) -> str:
     """What a run ran on, in words, for its summary and model card."""
     if device.type == "cuda":
         return f"{world_size} x {torch.cuda.get_device_name(device)}"
+    if device.type == "mps":
+        return f"{world_size} x {cpu_name()} GPU (MPS)"  # the chip names its GPU: "Apple M2"
     return f"{world_size} x {cpu_description()}"
 
 

@@ -20,6 +20,8 @@ import torch
 from iterative_llm.command_line import CommandParser, parse_command_line, shell_word
 from iterative_llm.run_folder import run_of_checkpoint
 
+from .machine import default_device
+
 # Sampling defaults, set here only: `iterative-llm generate`, the samples logged during training
 # (evaluate.sample) and the exported folder's generation_config.json all sample this way.
 TEMPERATURE = 0.8
@@ -62,11 +64,18 @@ class GenerateArguments:
         default=None,
         metadata={"help": "key/value cache: dynamic or static (none given: static with --compile, else dynamic)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the decoding step (static cache)"})
+    device: str = field(default="auto", metadata={
+        "help": "auto (cuda when available, else mps on a Mac, else cpu), cpu, cuda, cuda:1, mps, ..."})
 
     def __post_init__(self):
         # A ValueError here is a usage error on the command line (parse_command_line).
         if self.compile and self.cache == "dynamic":
             raise ValueError("--compile needs the static cache: drop --cache dynamic (or use --cache static)")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"--device {self.device!r} is not a device: auto, cpu, cuda, cuda:1, mps, ...") from None
         if self.max_new_tokens < 1 or self.num_samples < 1:
             raise ValueError("--max_new_tokens and --num_samples must be at least 1")
         if self.num_samples > 1 and self.temperature <= 0:
@@ -91,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_dir, tokenizer_dir = find_model_folder(args.model)
         tokenizer = load_tokenizer(tokenizer_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        device = default_device() if args.device == "auto" else torch.device(args.device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
         check_tokenizer_matches_model(tokenizer, model.config)
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"iterative-llm generate: {err}", file=sys.stderr)

@@ -2,7 +2,8 @@
 
     machine = Device.this_machine()                   what this process trains on (CUDA, MPS or CPU)
     choose_precision(machine, "auto")                 bf16 where native, fp16 + loss scaling on older
-                                                      CUDA cards, fp32 on CPU; an explicit choice wins
+                                                      CUDA cards, fp32 on CPU and older Macs; an explicit
+                                                      choice wins
     estimate_micro_batch(machine, model_config, ...)  the largest micro-batch the memory should hold
     largest_micro_batch_that_runs(try_step, start)    that estimate checked on the device, halved on
                                                       out-of-memory (accelerate's find_executable_batch_size)
@@ -44,32 +45,33 @@ MAX_MICRO_BATCH = 256
 @dataclass(frozen=True)
 class Device:
     """What a run trains on: kind ("cuda", "mps", "cpu"), a name, the accelerator's memory in bytes
-    (None on a CPU: host memory is not what limits a CPU run) and whether bf16 arithmetic is native."""
+    (None on a CPU: host memory is not what limits a CPU run), whether bf16 arithmetic is native, and
+    where the memory figure came from when it is not the card's own (an Apple GPU's share of the Mac's)."""
 
     kind: str
     name: str
     memory_bytes: int | None
     bf16: bool
+    memory_source: str = ""
 
     @classmethod
     def this_machine(cls) -> "Device":
-        if torch.cuda.is_available():
+        from .machine import cpu_has_native_bf16, cpu_name, default_device, fast_matmul_dtype, mac_gpu_memory
+
+        kind = default_device().type
+        if kind == "cuda":
             props = torch.cuda.get_device_properties(0)
             # Native bf16 only (Ampere on): torch's plain is_bf16_supported() also says yes where it is
             # emulated (a T4, a V100), where fp16 with loss scaling is the fast choice.
-            from .machine import fast_matmul_dtype
-
             native = fast_matmul_dtype(torch.device("cuda")) == torch.bfloat16
             return cls("cuda", props.name, props.total_memory, native)
-        if torch.backends.mps.is_available():
-            # MPS shares the Mac's memory; bfloat16 arrived with macOS 14.
-            import os
-
-            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            bf16 = bool(getattr(torch.backends.mps, "is_macos_or_newer", lambda *a: False)(14, 0))
-            return cls("mps", "Apple GPU (MPS)", memory, bf16)
-        from .machine import cpu_has_native_bf16, cpu_name
-
+        if kind == "mps":
+            # An Apple GPU shares the Mac's memory with the system and the apps: the plan fills what
+            # Metal recommends, not the whole memory. bf16: macOS 14 or newer, and measured faster
+            # than float32 (an M1 emulates it).
+            memory, source = mac_gpu_memory()
+            native = fast_matmul_dtype(torch.device("mps")) == torch.bfloat16
+            return cls("mps", f"{cpu_name()} GPU (MPS)", memory, native, memory_source=source)
         return cls("cpu", cpu_name(), None, cpu_has_native_bf16())
 
     def describe(self) -> str:
@@ -85,7 +87,8 @@ class Decision:
 
 def choose_precision(device: Device, asked: str) -> Decision:
     """bf16 where the device computes it natively, fp16 with loss scaling on a CUDA card without bf16
-    (GTX 10xx, RTX 20xx, T4, V100), fp32 on a CPU; `asked` other than "auto" is taken as it is."""
+    (GTX 10xx, RTX 20xx, T4, V100), fp32 on a CPU and on an Apple GPU without native bf16; `asked`
+    other than "auto" is taken as it is."""
     if asked != "auto":
         if asked == "bf16" and device.kind == "cuda" and not device.bf16:
             raise ValueError(f"--precision bf16: {device.name} has no bfloat16 arithmetic. "
@@ -97,7 +100,15 @@ def choose_precision(device: Device, asked: str) -> Decision:
         return Decision("bf16", f"native bfloat16 on {device.name}")
     if device.kind == "cuda":
         return Decision("fp16", f"{device.name} has no bfloat16: float16 autocast with loss scaling")
-    return Decision("fp32", f"{device.name} has no bfloat16 before macOS 14")
+    if device.kind == "mps":
+        # fp16 is not planned on an Apple GPU, though accelerate allows it there and torch's
+        # GradScaler runs on MPS: nobody has measured it beating float32 on a Mac for this model,
+        # and it adds loss scaling and the steps it skips on overflow.
+        # --precision fp16 asks for it.
+        return Decision("fp32", f"{device.name} has no native bfloat16 (macOS before 14, or measured no faster "
+                                "than float32, as on an M1): float32 (fp16 with loss scaling is not measured "
+                                "faster on a Mac; --precision fp16 asks for it)")
+    return Decision("fp32", f"{device.name} has no native bfloat16: float32")
 
 
 def memory_for_training(model_config, parameters: int, micro_batch: int, seq_len: int, precision: str,
@@ -135,6 +146,7 @@ def estimate_micro_batch(device: Device, model_config, parameters: int, *, seq_l
         if fits:
             need = memory_for_training(model_config, parameters, fits[-1], seq_len, precision, checkpointing)
             why = (f"about {need / GIB:.1f} GiB of {device.memory_bytes / GIB:.0f} GiB"
+                   + (f" ({device.memory_source})" if device.memory_source else "")
                    + (", the most one step's tokens take" if fits[-1] == _powers_of_two(min(MAX_MICRO_BATCH, step_sequences))[-1] else ""))
             return (Decision(fits[-1], why),
                     Decision(checkpointing, "one sequence does not fit without it" if checkpointing

@@ -434,6 +434,21 @@ class Run:
 # ---------------------------------------------------------------------- set-up
 
 
+def set_up_threads(config: TrainConfig, device_type: str, say) -> None:
+    """torch's CPU threads, and the tokenizer's beside training on an accelerator (CUDA or an Apple
+    GPU alike: the card computes, the CPU cores wait for it)."""
+    # torch's own default counts logical CPUs on some builds: two threads on the two hardware threads
+    # of one core fight over its vector units. One per physical core, shared by this machine's processes.
+    threads, why = choose_threads(config.threads, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(threads)
+    if device_type == "cpu":
+        say(f"CPU: {cpu_description(threads)}; threads: {why}")
+    elif config.tokenise_beside_training is not False and "RAYON_NUM_THREADS" not in os.environ:
+        # The tokenizer's threads (Rust's rayon pool, made at its first use, after this) tokenise beside
+        # training: they leave one core to the Python thread that drives the card.
+        os.environ["RAYON_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) - 1))
+
+
 def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = None) -> Run:
     """Processes, the run folder, the plan and the data it needs, the model, its optimizers and (with
     --resume) the state to continue from: everything the loop needs, or an error before anything is trained."""
@@ -454,16 +469,7 @@ def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = 
     )
     main_process, world_size, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
     say = (lambda message: print(message, flush=True)) if main_process else (lambda message: None)
-    # torch's own default counts logical CPUs on some builds: two threads on the two hardware threads
-    # of one core fight over its vector units. One per physical core, shared by this machine's processes.
-    threads, why = choose_threads(config.threads, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    torch.set_num_threads(threads)
-    if device.type == "cpu":
-        say(f"CPU: {cpu_description(threads)}; threads: {why}")
-    if device.type != "cpu" and config.tokenise_beside_training is not False and "RAYON_NUM_THREADS" not in os.environ:
-        # The tokenizer's threads (Rust's rayon pool, made at its first use, after this) tokenise beside
-        # training: they leave one core to the Python thread that drives the card.
-        os.environ["RAYON_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) - 1))
+    set_up_threads(config, device.type, say)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for whatever stays in float32 (bf16 autocast covers the rest)
     set_seed(config.seed)
@@ -726,8 +732,9 @@ def train_loop(run: Run) -> str | None:
                     scaler=accelerator.scaler,  # fp16 only: None otherwise
                 )
                 log.add(step_loss)
-                if run.device.type == "cuda" and (state["step"] + 1) % config.log_every == 0:
-                    torch.cuda.synchronize()  # so the step times below are real, not queued work
+                if run.device.type in ("cuda", "mps") and (state["step"] + 1) % config.log_every == 0:
+                    # So the step times below are real, not queued work: an Apple GPU queues as a CUDA card does.
+                    (torch.cuda if run.device.type == "cuda" else torch.mps).synchronize()
                 elapsed = time.perf_counter() - step_start
                 run.budget.first_step_done()
                 state["step"] += 1
