@@ -100,9 +100,9 @@ def main(argv=None) -> dict:
         "cpu": cpu_description(),  # the machine beside its seconds (the CPU does the tokenising either way)
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     table = results_table(results, args.sft_data)
-    (out / "results.md").write_text(table + "\n")
+    (out / "results.md").write_text(table + "\n", encoding="utf-8")
     print(table)
     return results
 

@@ -145,7 +145,7 @@ def run_training(name: str, preset: str, train_dir: Path, val_file: Path, work: 
     start = time.perf_counter()
     summary = train(build_config(values), model_factory=model_factory)
     wall = time.perf_counter() - start
-    rows = [json.loads(line) for line in (out / run_folder.METRICS).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (out / run_folder.METRICS).read_text(encoding="utf-8").splitlines() if line.strip()]
     train_rows = [r for r in rows if r["kind"] == "train"]
     losses = [r["loss"] for r in train_rows]
     # The first logged window holds the first steps (cuBLAS/autotuning warm-up): speed from the others.
@@ -233,7 +233,7 @@ def profile_and_memory(device: torch.device, shape: dict, out: Path) -> dict:
         timed_steps(model, optimizers, batches, accumulation, 1, device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90)
-    (out / "profile.txt").write_text(table)
+    (out / "profile.txt").write_text(table, encoding="utf-8")
     figures["profile_top"] = prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=70)
     say(figures["profile_top"])
 
@@ -273,7 +273,7 @@ def budget_session(train_dir: Path, val_file: Path, work: Path, budget: str, ove
     start = time.perf_counter()
     summary = train(build_config(values))
     wall = time.perf_counter() - start
-    rows = [json.loads(line) for line in (out / run_folder.METRICS).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (out / run_folder.METRICS).read_text(encoding="utf-8").splitlines() if line.strip()]
     train_rows = [r for r in rows if r["kind"] == "train"]
     speeds = [r["tokens_per_second"] for r in train_rows[1:]] or [r["tokens_per_second"] for r in train_rows]
     losses = [r["loss"] for r in train_rows]
@@ -448,7 +448,7 @@ def main(argv=None) -> int:
     report["failures"] = failures
     print_table(report)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     if not args.out:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failures else 0

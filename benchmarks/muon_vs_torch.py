@@ -67,9 +67,9 @@ OURS_REVISION = "c47ce80"
 def load_ours(revision: str = OURS_REVISION):
     """training/optim.py as it was at `revision`, imported as a module of its own."""
     source = subprocess.run(["git", "show", f"{revision}:training/optim.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
+                            capture_output=True, text=True, encoding="utf-8").stdout
     path = Path(tempfile.mkdtemp(prefix="muon-ours-")) / f"optim_{revision}.py"
-    path.write_text(source)
+    path.write_text(source, encoding="utf-8")
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -436,7 +436,7 @@ def main(argv=None) -> dict:
     figures["generate_ratio"] = {mode: median_ratio(r["ours"], r["gpt2"]) for mode, r in generation.items()}
     print_table(args, figures)
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+        Path(args.json).write_text(json.dumps(figures, indent=2), encoding="utf-8")
     return figures
 
 

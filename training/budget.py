@@ -55,11 +55,11 @@ def process_start_time() -> float:
     the imports too, since the user's stopwatch does. Where /proc is missing, the time of the call."""
     now = time.monotonic()
     try:
-        with open("/proc/self/stat") as f:
+        with open("/proc/self/stat", encoding="utf-8") as f:
             # Field 22 is the start time in clock ticks since boot; the name (field 2) may hold spaces.
             fields = f.read().rsplit(")", 1)[1].split()
         started_since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")
-        with open("/proc/uptime") as f:
+        with open("/proc/uptime", encoding="utf-8") as f:
             uptime = float(f.read().split()[0])
         age = uptime - started_since_boot
         return now - age if 0 <= age < 600 else now  # a long-lived process (a test runner): count from now

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
         print(f"\nfigures written to {args.json}")
     return 0
 

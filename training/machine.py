@@ -36,7 +36,7 @@ __all__ = [
 def cpu_name() -> str:
     """The processor's model name ("AMD EPYC 7763 64-Core Processor"), or the architecture."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.lower().startswith(("model name", "hardware")) and ":" in line:
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -44,7 +44,7 @@ def cpu_name() -> str:
     if platform.system() == "Darwin":
         try:
             return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
-                                  text=True, timeout=5).stdout.strip() or platform.machine()
+                                  text=True, timeout=5, encoding="utf-8").stdout.strip() or platform.machine()
         except (OSError, subprocess.SubprocessError):
             pass
     return platform.processor() or platform.machine() or "unknown CPU"
@@ -67,14 +67,14 @@ def physical_cores(sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
         cores = set()
         for cpu in allowed:
             try:
-                cores.add((sysfs / f"cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+                cores.add((sysfs / f"cpu{cpu}/topology/thread_siblings_list").read_text(encoding="utf-8").strip())
             except OSError:
                 cores.add(f"cpu{cpu}")  # no topology: count the CPU as a core of its own
         return max(1, len(cores))
     if platform.system() == "Darwin":
         try:
             return max(1, int(subprocess.run(["sysctl", "-n", "hw.physicalcpu"], capture_output=True,
-                                             text=True, timeout=5).stdout))
+                                             text=True, timeout=5, encoding="utf-8").stdout))
         except (OSError, ValueError, subprocess.SubprocessError):
             pass
     return max(1, len(allowed) or os.cpu_count() or 1)
