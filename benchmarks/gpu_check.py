@@ -53,6 +53,7 @@ import torch  # noqa: E402
 
 from benchmarks.pretrain_recipe import gpt2_factory  # noqa: E402
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM, run_folder  # noqa: E402
+from iterative_llm.console import make_output_safe  # noqa: E402
 from training.config import build_config, load_preset  # noqa: E402
 from training.evaluate import flops_per_token, peak_flops  # noqa: E402
 from training.machine import cpu_description  # noqa: E402
@@ -333,6 +334,7 @@ def settings(small: bool) -> dict:
 
 
 def main(argv=None) -> int:
+    make_output_safe()  # its printout survives any stdout encoding (iterative_llm/console.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="a folder of .txt files (the last, sorted, is the validation text)")
     parser.add_argument("--out", default=None, help="where runs and profile.txt go (default: a temporary folder)")

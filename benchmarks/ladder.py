@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from iterative_llm.console import make_output_safe  # noqa: E402
 from training import ladder  # noqa: E402
 from training.budget import parse_duration  # noqa: E402
 from training.prepare import _split_tail  # noqa: E402
@@ -73,6 +74,7 @@ def fixed_size(depth: int) -> list[str]:
 
 
 def main() -> None:
+    make_output_safe()  # its printout survives any stdout encoding (iterative_llm/console.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
     parser.add_argument("--budget", default="4m", help="each run's --time_budget")

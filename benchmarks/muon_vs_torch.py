@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM  # noqa: E402
+from iterative_llm.console import make_output_safe  # noqa: E402
 
 # The last commit with our Muon class and the `--muon_impl ours|torch` switch that the measurements used.
 OURS_REVISION = "c47ce80"
@@ -218,6 +219,7 @@ def quality(data_dir: Path, work: Path, seeds: list[int], max_tokens: int) -> No
 
 
 def main() -> None:
+    make_output_safe()  # its printout survives any stdout encoding (iterative_llm/console.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", choices=["equivalence", "speed", "quality"],
                         default=["equivalence", "speed", "quality"])

@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from iterative_llm import run_folder  # noqa: E402
+from iterative_llm.console import make_output_safe  # noqa: E402
 from training.config import build_config, load_preset, merge  # noqa: E402
 from training.machine import choose_threads, cpu_description  # noqa: E402
 from training.pretrain import train  # noqa: E402
@@ -78,6 +79,7 @@ def eval_rows(run: Path) -> list[dict]:
 
 
 def main() -> None:
+    make_output_safe()  # its printout survives any stdout encoding (iterative_llm/console.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--dataset", choices=["shakespeare", "books"], default="shakespeare")

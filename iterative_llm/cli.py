@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from .console import make_output_safe
+
 # stage name -> (module, one-line help). Order is the order of the pipeline.
 STAGES: dict[str, tuple[str, str]] = {
     "prepare": ("training.prepare", "tokenise a text source into train/val token shards, ahead of training"),
@@ -35,6 +37,7 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    make_output_safe()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())

@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 
 from iterative_llm.command_line import CommandParser, parse_command_line
+from iterative_llm.console import make_output_safe
 
 from .multiple_choice import HELLASWAG_REFERENCES, HellaSwagError, load_items, model_max_length, score_hellaswag
 from .sources import iter_documents
@@ -186,6 +187,7 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    make_output_safe()
     (args,) = parse_command_line(build_parser(), argv)
     from transformers.utils import logging as hf_logging
 

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from iterative_llm.command_line import CommandParser, parse_command_line
+from iterative_llm.console import make_output_safe
 from iterative_llm.run_folder import run_of_checkpoint
 
 # Sampling defaults, set here only: `iterative-llm generate`, the samples logged during training
@@ -78,6 +79,7 @@ def build_parser() -> CommandParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    make_output_safe()
     (args,) = parse_command_line(build_parser(), argv)
     cache = args.cache or ("static" if args.compile else "dynamic")
 

@@ -41,6 +41,7 @@ from typing import Any, Callable
 import torch
 
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM, run_folder
+from iterative_llm.console import make_output_safe
 from iterative_llm.tokenization import check_tokenizer_matches_model, token_byte_lengths
 
 from . import ladder
@@ -76,6 +77,7 @@ _KEEP_UNTIL_EXIT: list = []
 
 
 def main(argv: list[str] | None = None) -> int:
+    make_output_safe()
     started = process_start_time()  # a --time_budget counts from here: the user's stopwatch started then
     try:
         config = parse_args(argv)
