@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+from iterative_llm.console import make_output_safe  # noqa: E402
 
 SFT_DATA = {
     "dolly": "sft/dolly-open_qa/chinkara-open_qa.jsonl",
@@ -66,6 +67,7 @@ def stage_argv(config: str, model: str, data: Path, output_dir: Path, args, extr
 
 
 def main(argv=None) -> dict:
+    make_output_safe()  # its printout survives any stdout encoding (iterative_llm/console.py)
     args = parse_args(argv)
     from training import dpo, sft
     from training.machine import cpu_description
@@ -100,9 +102,9 @@ def main(argv=None) -> dict:
         "cpu": cpu_description(),  # the machine beside its seconds (the CPU does the tokenising either way)
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     table = results_table(results, args.sft_data)
-    (out / "results.md").write_text(table + "\n")
+    (out / "results.md").write_text(table + "\n", encoding="utf-8")
     print(table)
     return results
 

@@ -16,9 +16,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+from iterative_llm.console import make_output_safe  # noqa: E402
 
 
 def main(argv=None) -> dict:
+    make_output_safe()  # its printout survives any stdout encoding (iterative_llm/console.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="a chat model folder (iterative-llm sft / dpo)")
     parser.add_argument("--data", required=True, help="the SFT run's --dataset_name")

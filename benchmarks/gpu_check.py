@@ -53,6 +53,7 @@ import torch  # noqa: E402
 
 from benchmarks.pretrain_recipe import gpt2_factory  # noqa: E402
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM, run_folder  # noqa: E402
+from iterative_llm.console import make_output_safe  # noqa: E402
 from training.config import build_config, load_preset  # noqa: E402
 from training.evaluate import flops_per_token, peak_flops  # noqa: E402
 from training.machine import cpu_description  # noqa: E402
@@ -145,7 +146,7 @@ def run_training(name: str, preset: str, train_dir: Path, val_file: Path, work: 
     start = time.perf_counter()
     summary = train(build_config(values), model_factory=model_factory)
     wall = time.perf_counter() - start
-    rows = [json.loads(line) for line in (out / run_folder.METRICS).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (out / run_folder.METRICS).read_text(encoding="utf-8").splitlines() if line.strip()]
     train_rows = [r for r in rows if r["kind"] == "train"]
     losses = [r["loss"] for r in train_rows]
     # The first logged window holds the first steps (cuBLAS/autotuning warm-up): speed from the others.
@@ -233,7 +234,7 @@ def profile_and_memory(device: torch.device, shape: dict, out: Path) -> dict:
         timed_steps(model, optimizers, batches, accumulation, 1, device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90)
-    (out / "profile.txt").write_text(table)
+    (out / "profile.txt").write_text(table, encoding="utf-8")
     figures["profile_top"] = prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=70)
     say(figures["profile_top"])
 
@@ -273,7 +274,7 @@ def budget_session(train_dir: Path, val_file: Path, work: Path, budget: str, ove
     start = time.perf_counter()
     summary = train(build_config(values))
     wall = time.perf_counter() - start
-    rows = [json.loads(line) for line in (out / run_folder.METRICS).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (out / run_folder.METRICS).read_text(encoding="utf-8").splitlines() if line.strip()]
     train_rows = [r for r in rows if r["kind"] == "train"]
     speeds = [r["tokens_per_second"] for r in train_rows[1:]] or [r["tokens_per_second"] for r in train_rows]
     losses = [r["loss"] for r in train_rows]
@@ -333,6 +334,7 @@ def settings(small: bool) -> dict:
 
 
 def main(argv=None) -> int:
+    make_output_safe()  # its printout survives any stdout encoding (iterative_llm/console.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="a folder of .txt files (the last, sorted, is the validation text)")
     parser.add_argument("--out", default=None, help="where runs and profile.txt go (default: a temporary folder)")
@@ -448,7 +450,7 @@ def main(argv=None) -> int:
     report["failures"] = failures
     print_table(report)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     if not args.out:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failures else 0

@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from iterative_llm.console import make_output_safe  # noqa: E402
 from training import ladder  # noqa: E402
 from training.budget import parse_duration  # noqa: E402
 from training.prepare import _split_tail  # noqa: E402
@@ -54,12 +55,12 @@ def run_one(name: str, extra: list[str], *, heads: Path, tails: Path, budget: st
     shutil.rmtree(out / name, ignore_errors=True)  # this benchmark's own earlier run of the same name
     print("$ " + " ".join(command), flush=True)
     start = time.monotonic()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, encoding="utf-8")
     wall = time.monotonic() - start
-    (out / f"{name}.log").write_text(result.stdout + result.stderr)
+    (out / f"{name}.log").write_text(result.stdout + result.stderr, encoding="utf-8")
     if result.returncode != 0:
         raise SystemExit(f"{name} failed ({result.returncode}); see {out / name}.log:\n{result.stderr[-2000:]}")
-    summary = json.loads((out / name / "summary.json").read_text())
+    summary = json.loads((out / name / "summary.json").read_text(encoding="utf-8"))
     summary["wall"] = wall
     return summary
 
@@ -73,6 +74,7 @@ def fixed_size(depth: int) -> list[str]:
 
 
 def main() -> None:
+    make_output_safe()  # its printout survives any stdout encoding (iterative_llm/console.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
     parser.add_argument("--budget", default="4m", help="each run's --time_budget")
@@ -106,7 +108,7 @@ def main() -> None:
           "| first step (s) | whole command (s) | val bits per byte |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, s in rows:
-        config = json.loads((out / name.replace(" ", "") / "config.json").read_text())
+        config = json.loads((out / name.replace(" ", "") / "config.json").read_text(encoding="utf-8"))
         print(f"| {name} | {config['num_hidden_layers']} x {config['hidden_size']} | {s['parameters']:,} | {s['steps']} "
               f"| {s['tokens_trained']:,} | {s['tokens_trained'] / s['parameters']:.1f} | {s['tokens_prepared']:,} "
               f"| {s['seconds_to_first_step']:.1f} | {s['wall']:.1f} | {s['final_val_bpb']:.4f} |")

@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM  # noqa: E402
+from iterative_llm.console import make_output_safe  # noqa: E402
 
 # The last commit with our Muon class and the `--muon_impl ours|torch` switch that the measurements used.
 OURS_REVISION = "c47ce80"
@@ -67,9 +68,9 @@ OURS_REVISION = "c47ce80"
 def load_ours(revision: str = OURS_REVISION):
     """training/optim.py as it was at `revision`, imported as a module of its own."""
     source = subprocess.run(["git", "show", f"{revision}:training/optim.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
+                            capture_output=True, text=True, encoding="utf-8").stdout
     path = Path(tempfile.mkdtemp(prefix="muon-ours-")) / f"optim_{revision}.py"
-    path.write_text(source)
+    path.write_text(source, encoding="utf-8")
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -218,6 +219,7 @@ def quality(data_dir: Path, work: Path, seeds: list[int], max_tokens: int) -> No
 
 
 def main() -> None:
+    make_output_safe()  # its printout survives any stdout encoding (iterative_llm/console.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", choices=["equivalence", "speed", "quality"],
                         default=["equivalence", "speed", "quality"])

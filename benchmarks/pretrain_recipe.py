@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from iterative_llm import run_folder  # noqa: E402
+from iterative_llm.console import make_output_safe  # noqa: E402
 from training.config import build_config, load_preset, merge  # noqa: E402
 from training.machine import choose_threads, cpu_description  # noqa: E402
 from training.pretrain import train  # noqa: E402
@@ -42,10 +43,10 @@ from training.pretrain import train  # noqa: E402
 
 def split_shakespeare(data_dir: Path, work: Path) -> tuple[str, str, str | None]:
     """nanoGPT's split of tiny shakespeare: first 90% of the characters train, last 10% validate."""
-    text = (data_dir / "tinyshakespeare" / "input.txt").read_text()
+    text = (data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
     cut = int(len(text) * 0.9)
-    (work / "train.txt").write_text(text[:cut])
-    (work / "val.txt").write_text(text[cut:])
+    (work / "train.txt").write_text(text[:cut], encoding="utf-8")
+    (work / "val.txt").write_text(text[cut:], encoding="utf-8")
     return str(work / "train.txt"), str(work / "val.txt"), None
 
 
@@ -73,11 +74,12 @@ def gpt2_factory(ours_config):
 
 
 def eval_rows(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / run_folder.METRICS).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (run / run_folder.METRICS).read_text(encoding="utf-8").splitlines() if line.strip()]
     return [r for r in rows if r["kind"] == "eval"]
 
 
 def main() -> None:
+    make_output_safe()  # its printout survives any stdout encoding (iterative_llm/console.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--dataset", choices=["shakespeare", "books"], default="shakespeare")
@@ -161,7 +163,7 @@ def main() -> None:
     if args.budget:
         results["budget"] = budget_run(args, work, data, val)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
 
 
 def budget_run(args, work: Path, data: str, val: str | None) -> dict:
@@ -181,7 +183,7 @@ def budget_run(args, work: Path, data: str, val: str | None) -> dict:
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)
     wall = time.perf_counter() - start
-    summary = json.loads((out / run_folder.SUMMARY).read_text())
+    summary = json.loads((out / run_folder.SUMMARY).read_text(encoding="utf-8"))
     print(f"\nbudget run: {wall:.1f} s wall-clock for the whole command ({summary['time']:.1f} s of training, "
           f"{summary['steps']} steps), final val bpb {summary['final_val_bpb']:.4f}")
     return {"wall": wall, **summary, "command": " ".join(command)}

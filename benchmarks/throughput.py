@@ -62,6 +62,7 @@ from transformers.generation import CompileConfig  # noqa: E402
 
 from benchmarks.pretrain_recipe import gpt2_factory  # noqa: E402
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM  # noqa: E402
+from iterative_llm.console import make_output_safe  # noqa: E402
 from training.evaluate import flops_per_token, peak_flops  # noqa: E402
 from training.machine import choose_threads, cpu_description  # noqa: E402
 from training.optim import build_optimizers  # noqa: E402
@@ -381,6 +382,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+    make_output_safe()  # its printout survives any stdout encoding (iterative_llm/console.py)
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(choose_threads(args.threads)[0])  # as `iterative-llm train` would
@@ -436,7 +438,7 @@ def main(argv=None) -> dict:
     figures["generate_ratio"] = {mode: median_ratio(r["ours"], r["gpt2"]) for mode, r in generation.items()}
     print_table(args, figures)
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+        Path(args.json).write_text(json.dumps(figures, indent=2), encoding="utf-8")
     return figures
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import importlib
 import sys
 
+from .console import make_output_safe
+
 # The modules of the optional extras (pyproject.toml), by the extra that installs them: a stage that
 # cannot import one of these is missing that extra. Any other missing module is not something an
-# install of ours brings, and is reported as it is (tests/test_cli.py holds this table to pyproject).
+# install of ours brings, and is reported as it is (tests/test_any_desktop.py holds this table to pyproject).
 EXTRA_MODULES: dict[str, str] = {
     "accelerate": "train", "datasets": "train", "trl": "train", "peft": "train", "yaml": "train",
     "tqdm": "train", "tensorboard": "train", "matplotlib": "train", "pyarrow": "train", "psutil": "train",
@@ -44,6 +46,7 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    make_output_safe()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())

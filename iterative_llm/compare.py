@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from . import run_folder
 from .command_line import CommandParser, parse_command_line
+from .console import make_output_safe
 
 MISSING = "—"  # a field one run has and another does not
 # Fields that name or steer the run folder itself, not what is trained: always different, never news.
@@ -308,6 +309,7 @@ def build_parser() -> CommandParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    make_output_safe()
     (args,) = parse_command_line(build_parser(), argv)
     try:
         runs = [read_run(p) for p in args.runs]

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .command_line import CommandParser, parse_command_line
+from .console import make_output_safe
 from .explain_code import code_range
 from .explain_pictures import write_pictures
 from .explain_report import write_report
@@ -134,6 +135,7 @@ def build_parser() -> CommandParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    make_output_safe()
     (args,) = parse_command_line(build_parser(), argv)
     try:
         model, tokenizer = load(args.model)

@@ -111,7 +111,8 @@ def tokenizer(corpus):
 def run_process_tree(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
     """subprocess.run in a session of its own: on timeout the whole tree is killed (torchrun's workers
     too, which a plain `run(timeout=...)` leaves behind) and the test fails saying so."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    # Our commands write UTF-8 to a pipe whatever the locale (iterative_llm/console.py): read it so.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
                                start_new_session=True, **kwargs)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
@@ -131,7 +132,7 @@ def run_process_tree(command: list[str], timeout: float, **kwargs) -> subprocess
 def process_alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie waiting to be reaped does not)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False

@@ -61,11 +61,11 @@ def _process_age() -> float | None:
     """Seconds since this process started: from /proc on Linux, else (Windows, macOS) from psutil's
     creation time, a wall-clock time; None where neither can tell."""
     try:
-        with open(PROC_STAT) as f:
+        with open(PROC_STAT, encoding="utf-8") as f:
             # Field 22 is the start time in clock ticks since boot; the name (field 2) may hold spaces.
             fields = f.read().rsplit(")", 1)[1].split()
         started_since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")
-        with open(PROC_UPTIME) as f:
+        with open(PROC_UPTIME, encoding="utf-8") as f:
             uptime = float(f.read().split()[0])
         return uptime - started_since_boot
     except (OSError, ValueError, IndexError, AttributeError):  # no /proc (os.sysconf is missing on Windows)

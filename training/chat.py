@@ -18,6 +18,7 @@ import torch
 from transformers import TextStreamer
 
 from iterative_llm.command_line import CommandParser, parse_command_line
+from iterative_llm.console import make_output_safe
 
 from training.machine import default_device, fast_matmul_dtype
 from training.model_folder import end_of_turn_ids, load_tokenizer_with_template
@@ -197,6 +198,7 @@ def parse_args(argv: list[str] | None = None) -> ChatArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
+    make_output_safe()
     from transformers.utils import logging as hf_logging
 
     args = parse_args(argv)

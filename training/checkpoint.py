@@ -69,7 +69,7 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -159,7 +159,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     root = checkpoint_root(run_dir)
     pointer = root / "latest"
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
+        candidate = root / pointer.read_text(encoding="utf-8").strip()
         if (candidate / STATE_FILE).is_file():
             return candidate
     complete = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
@@ -174,8 +174,8 @@ def load_checkpoint(path: Path, model, optimizers) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        saved_config = json.loads((path / "config.json").read_text())
-        trainer_state = json.loads((path / STATE_FILE).read_text())
+        saved_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        trainer_state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise DamagedCheckpoint(f"Checkpoint {path} is corrupt or incomplete ({err}).") from err
 

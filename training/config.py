@@ -153,7 +153,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"Config file {path} does not exist.")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"Config file {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -363,16 +363,20 @@ def write_run_config(out: Path, config: TrainConfig, model_config, resumed: bool
     if resumed and run_config.is_file():
         # The run keeps its own settings; a resume may only extend it or change its cadence
         # (RESUME_MAY_CHANGE), and each such change is recorded with the step it applies from.
-        saved = yaml.safe_load(run_config.read_text())
+        saved = yaml.safe_load(run_config.read_text(encoding="utf-8"))
         changes = {key: value for key, value in to_dict(config).items()
                    if key in RESUME_MAY_CHANGE and key not in ("out", "resume") and saved.get("train", {}).get(key) != value}
         saved.setdefault("train", {}).update(changes)
         saved.setdefault("resumed", []).append({"step": step, "changed": changes})
-        run_config.write_text(yaml.safe_dump(saved, sort_keys=False))
+        _write_yaml(run_config, saved)
     else:
-        run_config.write_text(
-            yaml.safe_dump({"train": to_dict(config), "model": model_config.to_diff_dict()}, sort_keys=False)
-        )
+        _write_yaml(run_config, {"train": to_dict(config), "model": model_config.to_diff_dict()})
+
+
+def _write_yaml(path: Path, data: dict) -> None:
+    # UTF-8 with the characters as they are (a sample prompt "Café" stays Café, not "Caf\xE9"), so
+    # the file reads as it was typed; load_yaml reads it back as UTF-8 on any machine.
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
 def build_config(values: dict[str, Any]) -> TrainConfig:

@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 
 from iterative_llm.command_line import CommandParser, parse_command_line
+from iterative_llm.console import make_output_safe
 
 from .machine import default_device
 from .multiple_choice import HELLASWAG_REFERENCES, HellaSwagError, load_items, model_max_length, score_hellaswag
@@ -188,6 +189,7 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    make_output_safe()
     (args,) = parse_command_line(build_parser(), argv)
     from transformers.utils import logging as hf_logging
 
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
         print(f"\nfigures written to {args.json}")
     return 0
 

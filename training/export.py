@@ -24,7 +24,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / run_folder.METRICS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def plot_loss_curve(run_dir: str | Path, png: str | Path) -> bool:
@@ -69,7 +69,7 @@ def _template() -> str:
     candidates = [Path(__file__).resolve().parents[1] / TEMPLATE_NAME, Path(sys.prefix) / "share" / "iterative-llm" / TEMPLATE_NAME]
     for path in candidates:
         if path.is_file():
-            return path.read_text()
+            return path.read_text(encoding="utf-8")
     raise FileNotFoundError(f"The model card template {TEMPLATE_NAME} is missing (looked in {', '.join(map(str, candidates))}).")
 
 
@@ -121,7 +121,7 @@ def _write_model_folder(out: Path, run: Path, model, tokenizer, summary: dict) -
         do_sample=True, temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=min(128, model.config.max_position_embeddings // 2),
     ).save_pretrained(out)
     has_curve = plot_loss_curve(run, out / run_folder.LOSS_CURVE)
-    (out / run_folder.SUMMARY).write_text(json.dumps(summary, indent=2))
+    (out / run_folder.SUMMARY).write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
     rows = read_metrics(run)
     samples = [r for r in rows if r.get("kind") == "sample" and r["step"] == summary["steps"]]
@@ -145,7 +145,7 @@ def _write_model_folder(out: Path, run: Path, model, tokenizer, summary: dict) -
         "samples": "\n\n".join(f"```text\n{s['text']}\n```" for s in samples) or "(none)",
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items() if v),
     }
-    (out / "README.md").write_text(fill_model_card(values))
+    (out / "README.md").write_text(fill_model_card(values), encoding="utf-8")
 
 
 def hellaswag_section(rows: list[dict], step: int) -> str:

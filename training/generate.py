@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from iterative_llm.command_line import CommandParser, parse_command_line, shell_word
+from iterative_llm.console import make_output_safe
 from iterative_llm.run_folder import run_of_checkpoint
 
 from .machine import default_device
@@ -87,6 +88,7 @@ def build_parser() -> CommandParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    make_output_safe()
     (args,) = parse_command_line(build_parser(), argv)
     cache = args.cache or ("static" if args.compile else "dynamic")
 

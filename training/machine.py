@@ -40,7 +40,8 @@ __all__ = [
 def _sysctl(name: str) -> str:
     """A macOS sysctl value as text ("" when it cannot be read)."""
     try:
-        return subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5).stdout.strip()
+        return subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, encoding="utf-8",
+                              timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -69,7 +70,7 @@ def _cpu_name_and_source() -> tuple[str, str | None]:
     else:
         name = ""
         try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
+            for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
                 if line.lower().startswith(("model name", "hardware")) and ":" in line:
                     name = line.split(":", 1)[1].strip()
                     break
@@ -102,7 +103,7 @@ def _core_count(sysfs: Path) -> tuple[int, str]:
         cores = set()
         for cpu in allowed:
             try:
-                cores.add((sysfs / f"cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+                cores.add((sysfs / f"cpu{cpu}/topology/thread_siblings_list").read_text(encoding="utf-8").strip())
             except OSError:
                 cores.add(f"cpu{cpu}")  # no topology: count the CPU as a core of its own
         return max(1, len(cores)), "physical cores"

@@ -141,4 +141,4 @@ def write_summary(output_dir: str, stage: str, summary: dict[str, Any]) -> None:
     """`{stage}_summary.json` beside the weights: resolved arguments, metrics and versions of this run."""
     summary = dict(summary)
     summary["versions"] = package_versions()
-    Path(output_dir, f"{stage}_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    Path(output_dir, f"{stage}_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from iterative_llm.command_line import CommandParser, parse_command_line, shown
+from iterative_llm.console import make_output_safe
 from iterative_llm.tokenization import (
     boundary_token_id,
     load_tokenizer,
@@ -596,6 +597,7 @@ def build_parser() -> CommandParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    make_output_safe()
     (args,) = parse_command_line(build_parser(), argv)
     from iterative_llm import IterativeLLMConfig
 

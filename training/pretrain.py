@@ -42,6 +42,7 @@ import torch
 
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM, run_folder
 from iterative_llm.command_line import shell_word
+from iterative_llm.console import make_output_safe
 from iterative_llm.tokenization import check_tokenizer_matches_model, token_byte_lengths
 
 from . import ladder
@@ -80,6 +81,7 @@ _KEEP_UNTIL_EXIT: list = []
 
 
 def main(argv: list[str] | None = None) -> int:
+    make_output_safe()
     started = process_start_time()  # a --time_budget counts from here: the user's stopwatch started then
     try:
         config = parse_args(argv)
@@ -253,7 +255,7 @@ class Run:
 
     def log_row(self, row: dict) -> None:
         if self.main_process:
-            with open(self.out / run_folder.METRICS, "a") as f:
+            with open(self.out / run_folder.METRICS, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 
     def evaluate(self) -> dict:
@@ -620,7 +622,7 @@ def _tokens_trained_in(checkpoint: Path) -> int:
     """The tokens a checkpoint had trained on; 0 when its state cannot be read (resume then skips it
     for an older one, and the data is extended as training goes if that reads more)."""
     try:
-        return int(json.loads((checkpoint / STATE_FILE).read_text())["tokens"])
+        return int(json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))["tokens"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
 
@@ -851,7 +853,7 @@ def finish(run: Run) -> dict:
             # The export's own seconds cannot be in the summary it writes: it is written again after.
             export_model_folder(run.out, run.raw_model, run.tokenizer, {**summary, "phases": budget.summary()})
         summary["phases"] = budget.summary()
-        (run.out / run_folder.SUMMARY).write_text(json.dumps(summary, indent=2))
+        (run.out / run_folder.SUMMARY).write_text(json.dumps(summary, indent=2), encoding="utf-8")
         run.say(f"model folder: {run.out} (load it with AutoModelForCausalLM.from_pretrained({str(run.out)!r}))"
                 + (f"; the whole command took {format_seconds(budget.elapsed())} of its "
                    f"{format_seconds(budget.seconds)}" if budget.seconds is not None else ""))
@@ -888,13 +890,14 @@ def _round_up(n: int, multiple: int) -> int:
 def _write_run_files(out: Path, config, model_config, tokenizer, resumed: bool, step: int) -> None:
     """Resolved settings, versions and the tokenizer, so every figure traces back to its run."""
     write_run_config(out, config, model_config, resumed, step)
-    (out / run_folder.VERSIONS).write_text(json.dumps(package_versions(), indent=2))
+    (out / run_folder.VERSIONS).write_text(json.dumps(package_versions(), indent=2), encoding="utf-8")
     tokenizer.save_pretrained(out)
     metrics = out / run_folder.METRICS
     if resumed and metrics.is_file():
         # Rows logged after the checkpoint we resume from belong to the lost part of the run.
-        kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        metrics.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
+                if line and json.loads(line).get("step", 0) <= step]
+        metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     elif not resumed and metrics.exists():
         metrics.unlink()
 

@@ -29,6 +29,7 @@ import torch
 import trl
 from trl import ModelConfig, SFTTrainer, TrlParser
 
+from iterative_llm.console import make_output_safe
 from training.alignment import DeviceDefaults, card_rows, finish, load_inputs, peft_config_from, run_script, timed_train
 from training.alignment_data import DataArguments, load_sft_dataset
 from training.model_folder import end_of_turn_ids
@@ -196,6 +197,7 @@ def _card_rows(script_args, training_args, model_args, n_train, heldout, figures
 
 
 def main(argv: list[str] | None = None) -> int:
+    make_output_safe()
     return run_script(build_parser(), run, argv)
 
 

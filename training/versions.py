@@ -30,7 +30,7 @@ def git_revision() -> str | None:
     """The project's git commit, when it runs from a checkout (None from a wheel)."""
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5)
+                                text=True, timeout=5, encoding="utf-8")
         return result.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
