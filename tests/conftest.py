@@ -46,6 +46,26 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
+def third_party_env(**extra: str) -> dict[str, str]:
+    """The environment for another project's command line (TRL's `trl sft`, `python -m lm_eval`) run
+    on our folders: CI's run as on Windows is not theirs to pass. lm-eval's file locks (portalocker)
+    import fcntl wherever os.name is not "nt", so hiding fcntl on Linux breaks them where Windows
+    would not; and TRL's scripts print an emoji (U+2705) that neither ASCII nor Windows' cp1252 can
+    encode, so on Windows they need PYTHONIOENCODING=utf-8 when their output goes to a pipe or file,
+    as here (README, "Supported systems")."""
+    hidden = os.path.join(".ci", "as_windows")
+    path = os.pathsep.join(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                           if p and not p.rstrip(os.sep).endswith(hidden))
+    return {**os.environ, "PYTHONPATH": path, "PYTHONIOENCODING": "utf-8", **extra}
+
+
+def locale_is_utf8() -> bool:
+    """Whether Python's default text encoding here is UTF-8 (not under CI's run as on Windows)."""
+    import locale
+
+    return locale.getpreferredencoding(False).lower().replace("-", "") == "utf8"
+
+
 def assert_close_in_bf16(actual: torch.Tensor, expected: torch.Tensor, ulps: float = 2) -> None:
     """`actual` equals `expected` within `ulps` units in the last place of bfloat16 at the tensors' scale.
 

@@ -211,7 +211,7 @@ def test_bad_input_fails_with_a_clear_message(tmp_path, tokenizer):
         load_preference_dataset(DataArguments(dataset_name=str(wrong), num_heldout=0))
 
     empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
+    empty.write_text("", encoding="utf-8")
     with pytest.raises(ValueError, match="empty"):
         load_sft_dataset(DataArguments(dataset_name=str(empty), num_heldout=0))
 
@@ -319,6 +319,6 @@ def test_mistyped_or_abbreviated_options_are_refused_with_a_usage_message(capsys
 def test_model_card_sections_append(tmp_path):
     append_model_card_section(tmp_path, "Pretraining", {"steps": 10, "val loss": 3.14159})
     append_model_card_section(tmp_path, "SFT", {"data": "a|b", "figure": None})
-    card = (tmp_path / "README.md").read_text()
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
     assert card.index("## Pretraining") < card.index("## SFT")
     assert "| val loss | 3.142 |" in card and "| data | a\\|b |" in card and "| figure | - |" in card

@@ -38,7 +38,7 @@ def big_text_dir(tmp_path_factory) -> Path:
     for i in range(200):
         sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
                      for _ in range(120)]
-        (folder / f"doc{i:03d}.txt").write_text(" ".join(sentences))
+        (folder / f"doc{i:03d}.txt").write_text(" ".join(sentences), encoding="utf-8")
     return folder
 
 
@@ -98,9 +98,9 @@ def test_a_time_budget_bounds_the_whole_command_and_the_summary_has_its_phases(t
     assert set(phases) == {"budget", "prepare", "train", "final_eval", "export", "total"}
     assert phases["total"] <= seconds * 1.02, phases
     assert phases["prepare"] + phases["train"] + phases["final_eval"] + phases["export"] <= phases["total"] + 0.01
-    assert json.loads((run / "summary.json").read_text())["phases"] == phases
+    assert json.loads((run / "summary.json").read_text(encoding="utf-8"))["phases"] == phases
     # The cool-down came in time: the learning rate reached its end before the final evaluation.
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r for r in rows if r["kind"] == "train"][-1]["lr"] < 0.25
     assert summary["tokens_trained"] == summary["tokens"] > 0
     assert 0 < summary["seconds_to_first_step"] < phases["prepare"] + phases["train"]
@@ -128,7 +128,7 @@ def test_a_cap_reads_the_training_source_and_all_of_a_separate_validation_source
     val = tmp_path / "val"
     val.mkdir()
     for f in files[:20]:
-        (val / f.name).write_text(f.read_text())
+        (val / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
     capped = prepare_shards(str(big_text_dir), tokenizer, tmp_path / "capped", val_source=str(val), max_tokens=5_000,
                             progress=False)
     assert capped.split("train").num_tokens < 5_000 + 3_000 and capped.split("val").num_documents == 20
@@ -280,7 +280,7 @@ def test_preset_auto_needs_a_budget_and_trains_the_size_it_chose(tmp_path, big_t
     out = capsys.readouterr().out
     chosen = summary["plan"]["depth"]
     assert chosen in [row["depth"] for row in summary["plan"]["ladder"]]
-    saved = json.loads((run / "config.json").read_text())
+    saved = json.loads((run / "config.json").read_text(encoding="utf-8"))
     assert saved["num_hidden_layers"] == chosen and saved["hidden_size"] == ladder.WIDTH_PER_DEPTH * chosen
     assert "plan:" in out and f"auto: depth {chosen}" in out
 
@@ -406,7 +406,7 @@ def card_table() -> list[str]:
 
 
 def test_the_readme_shows_what_the_plan_chooses_on_common_cards():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     rows = card_table()
     missing = [row for row in rows if row not in readme]
     assert not missing, "README.md's table of common cards differs from the plan's decisions:\n" + "\n".join(rows)

@@ -30,18 +30,18 @@ def make_run(root, name, *, lr=0.01, width=128, rate=0.1, steps=20, tokens_per_s
             lines.append({"kind": "eval", "step": step, "tokens": tokens, "time": time,
                           "val_loss": 0.9 * bpb, "val_bpb": bpb})
     lines.append({"kind": "sample", "step": steps, "prompt": "The", "text": "The cat"})
-    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     # As training/pretrain.py writes it: the resolved training settings, and the model config's fields.
     config = {"train": {"out": f"runs/{name}", "resume": False, "seed": 1337, "model_preset": "tiny",
                         "lr_matrix": lr, "warmup_steps": 10, "sample_prompts": ["The", "def "]},
               "model": {"hidden_size": width, "num_hidden_layers": 4}}
-    (run / "run_config.yaml").write_text(yaml.safe_dump(config))
+    (run / "run_config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     if summary:
         final = 1.0 + 2.0 * math.exp(-rate * steps)
         (run / "summary.json").write_text(json.dumps({
             "steps": steps, "tokens": steps * 16384, "time": steps * 16384 / tokens_per_second,
             "final_val_loss": 0.9 * final, "final_val_bpb": final, "parameters": 1_800_000, "preset": "tiny",
-        }))
+        }), encoding="utf-8")
     return run
 
 
@@ -112,7 +112,7 @@ def test_without_summary_the_last_eval_row_gives_the_final_figures(tmp_path):
 
 def test_a_half_written_last_line_is_skipped(tmp_path):
     folder = make_run(tmp_path, "r")
-    with open(folder / "metrics.jsonl", "a") as f:
+    with open(folder / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write('{"kind": "eval", "step": 24, "tok')
     assert len(read_run(str(folder)).evals) == 5
 

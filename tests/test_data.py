@@ -274,7 +274,7 @@ def test_interrupted_run_resumes_where_it_stopped(sources, tokenizer, tmp_path, 
     monkeypatch.setattr(data, "_encode_batch", crash_after_ten_batches)
     with pytest.raises(KeyboardInterrupt):
         _prepare(sources["jsonl"], tokenizer, tmp_path / "resumed")
-    assert not json.loads((tmp_path / "resumed" / data.MANIFEST).read_text())["complete"]
+    assert not json.loads((tmp_path / "resumed" / data.MANIFEST).read_text(encoding="utf-8"))["complete"]
     with pytest.raises(ValueError, match="unfinished"):
         ShardedDataset.open(tmp_path / "resumed")
 
@@ -417,14 +417,14 @@ def test_missing_path_names_it(tokenizer, tmp_path):
 
 
 def test_empty_sources_are_rejected(tmp_path):
-    (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "blank.jsonl").write_text('{"text": "  "}\n\n{"text": null}\n')
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    (tmp_path / "blank.jsonl").write_text('{"text": "  "}\n\n{"text": null}\n', encoding="utf-8")
     (tmp_path / "folder").mkdir()
-    (tmp_path / "folder" / "README").write_text("not a data file")
+    (tmp_path / "folder" / "README").write_text("not a data file", encoding="utf-8")
     for name in ("empty.txt", "blank.jsonl", "folder"):
         with pytest.raises(ValueError, match="no documents in"):
             list(iter_documents(str(tmp_path / name)))
-    (tmp_path / "notes.md").write_text("# hi")
+    (tmp_path / "notes.md").write_text("# hi", encoding="utf-8")
     with pytest.raises(ValueError, match="unsupported file type"):
         list(iter_documents(str(tmp_path / "notes.md")))
 
@@ -471,7 +471,7 @@ def test_a_few_books_hold_out_the_end_of_each(tokenizer, tmp_path, capsys):
         paragraphs = [f"Book {b}, chapter {i}. " + " ".join(DOCS[(b * 7 + i) % len(DOCS)].split()[:30])
                       for i in range(60)]
         texts[b] = "\n\n".join(paragraphs) + "\n"
-        (books / f"book{b}.txt").write_text(texts[b])
+        (books / f"book{b}.txt").write_text(texts[b], encoding="utf-8")
     dataset = _prepare(books, tokenizer, tmp_path / "out", val_fraction=0.02)
     assert "the last 2% of each document" in capsys.readouterr().err
     train, val = dataset.split("train"), dataset.split("val")
@@ -487,7 +487,7 @@ def test_a_few_books_hold_out_the_end_of_each(tokenizer, tmp_path, capsys):
 
 def test_a_document_too_short_to_split_is_named(tokenizer, tmp_path):
     path = tmp_path / "note.txt"
-    path.write_text("Hello.")
+    path.write_text("Hello.", encoding="utf-8")
     with pytest.raises(ValueError, match="validation split came out empty.*--val_data.*--doc_separator"):
         _prepare(path, tokenizer, tmp_path / "out", val_fraction=0.02)
     assert not (tmp_path / "out" / data.MANIFEST).exists()  # nothing half-made is left to trip over
@@ -496,7 +496,7 @@ def test_a_document_too_short_to_split_is_named(tokenizer, tmp_path):
 def test_missing_or_corrupt_manifest_and_shards(prepared, sources, tokenizer, tmp_path):
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         ShardedDataset.open(tmp_path)
-    (tmp_path / data.MANIFEST).write_text("{not json")
+    (tmp_path / data.MANIFEST).write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match="corrupt"):
         ShardedDataset.open(tmp_path)
     with pytest.raises(ValueError, match="corrupt"):
@@ -594,11 +594,11 @@ def test_prepare_killed_at_any_write_then_rerun_makes_the_same_folder(kind, tmp_
     source.mkdir()
     if kind == "documents":
         for i, doc in enumerate(DOCS):
-            (source / f"doc{i:03d}.txt").write_text(doc)
+            (source / f"doc{i:03d}.txt").write_text(doc, encoding="utf-8")
     else:
         for b in range(3):
             (source / f"book{b}.txt").write_text("\n\n".join(f"Book {b}, chapter {i}. " + DOCS[(b * 7 + i) % len(DOCS)]
-                                                             for i in range(20)) + "\n")
+                                                             for i in range(20)) + "\n", encoding="utf-8")
     argv = lambda out: [str(source), str(out), "--vocab_size", "300", "--shard_tokens", "2000",  # noqa: E731
                         "--val_fraction", str(VAL_FRACTION)]
     assert data.main(argv(tmp_path / "straight")) == 0
@@ -644,7 +644,7 @@ def test_files_that_are_not_utf8_are_replaced_or_skipped_counted_and_said(choice
     error = capsys.readouterr().err
     assert f"note: 1 file not UTF-8 ({size:,} bytes), each " in error and str(latin1_folder / "old.txt") in error
     assert error.splitlines()[-1].startswith("train on it: ") and error.endswith(f"--on_decode_error {choice}\n")
-    manifest = json.loads((out / data.MANIFEST).read_text())
+    manifest = json.loads((out / data.MANIFEST).read_text(encoding="utf-8"))
     assert manifest["on_decode_error"] == choice
     assert manifest["progress"]["source"]["not_utf8"] == {"files": 1, "bytes": size,
                                                           "first_files": [str(latin1_folder / "old.txt")]}
@@ -669,7 +669,7 @@ def test_the_decode_choice_changes_nothing_for_utf8_text_so_its_shards_are_reuse
     again = prepare_shards(str(sources["jsonl.gz"]), tokenizer, tmp_path, val_fraction=VAL_FRACTION,
                            on_decode_error="skip", progress=False)
     assert _shard_bytes(again) == _shard_bytes(first)
-    manifest = json.loads((tmp_path / data.MANIFEST).read_text())
+    manifest = json.loads((tmp_path / data.MANIFEST).read_text(encoding="utf-8"))
     assert "not_utf8" not in manifest["progress"]["source"]
 
 
@@ -682,11 +682,11 @@ def test_train_takes_the_decode_choice_and_refuses_an_unknown_one(latin1_folder,
     from .test_pretrain import settings
 
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(settings(latin1_folder, tmp_path / "run", max_steps=1, eval_every=0)))
+    config.write_text(yaml.safe_dump(settings(latin1_folder, tmp_path / "run", max_steps=1, eval_every=0)), encoding="utf-8")
     assert main(["--config", str(config)]) == 1
     assert f"{latin1_folder / 'old.txt'} is not UTF-8 text" in capsys.readouterr().err
     assert main(["--config", str(config), "--on_decode_error", "skip"]) == 0
-    manifest = json.loads((tmp_path / "run" / "data" / data.MANIFEST).read_text())
+    manifest = json.loads((tmp_path / "run" / "data" / data.MANIFEST).read_text(encoding="utf-8"))
     assert manifest["progress"]["source"]["not_utf8"]["files"] == 1
     with pytest.raises(ValueError, match="`on_decode_error` must be one of 'stop', 'replace', 'skip', got 'ignore'"):
         parse_args(["--on_decode_error", "ignore"])

@@ -5,7 +5,6 @@ rises, the output folder loads in a fresh process and chats, and `trl dpo` runs 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,12 +24,14 @@ from training.dpo import main as dpo_main
 from training.model_card import append_model_card_section
 from training.model_folder import load_starting_model
 
+from .conftest import third_party_env
+
 TRL = Path(sys.executable).with_name("trl")
 
 
 def _subprocess_env() -> dict[str, str]:
     # Offline, and no more threads than this process uses (pytest -n 2 gives each worker one).
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return third_party_env(HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +119,11 @@ def test_dpo_from_an_sft_folder_raises_preference_accuracy(sft_folder, pairs_fil
     assert stats["after"]["accuracy"] >= stats["before"]["accuracy"] + 0.2, stats
     assert stats["after"]["margin"] > stats["before"]["margin"]
 
-    summary = json.loads((out / "dpo_summary.json").read_text())
+    summary = json.loads((out / "dpo_summary.json").read_text(encoding="utf-8"))
     assert summary["steps"] == 20 and summary["after"]["n"] == 8
     assert summary["rewards"]["reward_margin"] > 0
     assert 0 <= summary["after"]["per_token_accuracy"] <= 1 and "paired_per_token" in summary["rewards"]
-    card = (out / "README.md").read_text()
+    card = (out / "README.md").read_text(encoding="utf-8")
     assert card.index("## Supervised fine-tuning (SFT)") < card.index("## Preference optimisation (DPO)")
     assert "preference accuracy" in card and "preference accuracy per reply token" in card
 
@@ -131,8 +132,8 @@ def test_dpo_from_an_sft_folder_raises_preference_accuracy(sft_folder, pairs_fil
     chat = pipeline("text-generation", model=str(out))
     reply = chat([{"role": "user", "content": "What does a dog do?"}], max_new_tokens=6, do_sample=False)
     assert reply[0]["generated_text"][-1]["role"] == "assistant"
-    assert (out / "modeling_iterative_llm.py").exists() and "auto_map" in json.loads((out / "config.json").read_text())
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [5, 0]
+    assert (out / "modeling_iterative_llm.py").exists() and "auto_map" in json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert json.loads((out / "generation_config.json").read_text(encoding="utf-8"))["eos_token_id"] == [5, 0]
 
 
 @pytest.mark.slow
@@ -147,7 +148,7 @@ def test_trl_dpo_command_line_runs_on_an_exported_folder(sft_folder, tmp_path):
         [str(TRL), "dpo", "--model_name_or_path", str(sft_folder), "--trust_remote_code", "--dataset_name", str(data),
          "--use_cpu", "--max_steps", "2", "--report_to", "none", "--output_dir", str(out),
          "--per_device_train_batch_size", "2", "--max_length", "64", "--save_strategy", "no"],
-        capture_output=True, text=True, timeout=300, env=_subprocess_env(),
+        capture_output=True, text=True, timeout=300, env=_subprocess_env(), encoding="utf-8"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "model.safetensors").exists()
@@ -176,7 +177,7 @@ def test_alignment_benchmark_runs_end_to_end(tmp_path, tokenizer):
                               "--max-steps", "1", "--n-heldout", "4", "--eval-max-new-tokens", "8",
                               "--eval-repetition-penalty", "1.1", "--use-cpu"])
     assert results["sft"]["after"]["end_of_turn_n"] == 4 and results["dpo"]["after"]["n"] == 4
-    table = (tmp_path / "bench" / "results.md").read_text()
+    table = (tmp_path / "bench" / "results.md").read_text(encoding="utf-8")
     assert "held-out preference accuracy" in table and "end their turn" in table
     assert "repetition penalty 1.1" in table and "preference accuracy per reply token" in table
     assert (tmp_path / "bench" / "dpo" / "model.safetensors").exists()

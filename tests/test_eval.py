@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from training.evaluate import text_bits_per_byte, window_plan
 from training.multiple_choice import HELLASWAG_REFERENCES, hellaswag_in_run, load_items, score_hellaswag, to_item
 from training.pretrain import train
 
-from .conftest import tiny_model
+from .conftest import third_party_env, tiny_model
 from .test_pretrain import settings, text_dir  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +35,7 @@ def record(ending_texts: list[str], label: int, *, ctx_a: str = "The cat sees a 
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
 
 
@@ -210,7 +209,7 @@ def test_eval_prints_a_column_per_model_with_the_reference_figures(tmp_path, mod
     tokenizer.save_pretrained(other)
     items = write_jsonl(tmp_path / "val.jsonl", [record(e, i) for i, e in enumerate(ENDINGS)])
     text = tmp_path / "text.txt"
-    text.write_text(corpus[5])
+    text.write_text(corpus[5], encoding="utf-8")
     out = tmp_path / "figures.json"
     code = cli_main(["eval", str(model_folder), str(other), "--hellaswag", str(items), "--limit", "2",
                      "--text", str(text), "--json", str(out), "--no_progress"])
@@ -218,7 +217,7 @@ def test_eval_prints_a_column_per_model_with_the_reference_figures(tmp_path, mod
     assert code == 0
     header = printed.splitlines()[0]
     assert str(model_folder) in header and str(other) in header
-    figures = json.loads(out.read_text())
+    figures = json.loads(out.read_text(encoding="utf-8"))
     for name in (str(model_folder), str(other)):
         model = figures["models"][name]
         assert model["hellaswag_items"] == 2 and f"{100 * model['hellaswag_acc_norm']:.2f}%" in printed
@@ -229,7 +228,7 @@ def test_eval_prints_a_column_per_model_with_the_reference_figures(tmp_path, mod
 
 
 def test_the_readme_quotes_the_reference_figures_of_the_one_list():
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## Evaluate"):readme.index("## Alignment")]
     rows = [line for line in section.splitlines() if line.startswith("| ") and "%" in line]
     assert [row.split("|")[2].strip() for row in rows] == [f"{100 * value:.1f}%" for _, value, _ in HELLASWAG_REFERENCES]
@@ -254,17 +253,17 @@ def test_bad_input_is_named_without_a_traceback(tmp_path, model_folder, case, me
     elif case == "label_outside":
         args[2] = str(write_jsonl(tmp_path / "bad.jsonl", [record(ENDINGS[0], 4)]))
     elif case == "empty_file":
-        (tmp_path / "empty.jsonl").write_text("\n")
+        (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
         args[2] = str(tmp_path / "empty.jsonl")
     elif case == "not_json":
-        (tmp_path / "bad.jsonl").write_text("ctx,endings,label\n")
+        (tmp_path / "bad.jsonl").write_text("ctx,endings,label\n", encoding="utf-8")
         args[2] = str(tmp_path / "bad.jsonl")
     elif case == "no_tokenizer":
         bare = tmp_path / "bare"
         tiny_model(vocab_size=320).save_pretrained(bare)
         args[0] = str(bare)
     elif case == "empty_text":
-        (tmp_path / "empty.txt").write_text("  \n")
+        (tmp_path / "empty.txt").write_text("  \n", encoding="utf-8")
         args = [str(model_folder), "--text", str(tmp_path / "empty.txt")]
     elif case == "no_model":
         args[0] = str(tmp_path / "nowhere")
@@ -318,26 +317,26 @@ def test_lm_eval_harness_runs_on_our_folder_and_agrees_with_iterative_llm_eval(t
     data = write_jsonl(tmp_path / "items.jsonl", records)
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "tiny_hellaswag.yaml").write_text(TASK_YAML.format(data=data))
+    (tasks / "tiny_hellaswag.yaml").write_text(TASK_YAML.format(data=data), encoding="utf-8")
     # lm-eval's own hellaswag preprocessing, not ours
-    (tasks / "utils.py").write_text("from lm_eval.tasks.hellaswag.utils import process_docs  # noqa: F401\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache"),
-           "OMP_NUM_THREADS": "1"}
+    (tasks / "utils.py").write_text("from lm_eval.tasks.hellaswag.utils import process_docs  # noqa: F401\n", encoding="utf-8")
+    env = third_party_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "cache"),
+                          OMP_NUM_THREADS="1")
     completed = subprocess.run(
         [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
          f"pretrained={model_folder},trust_remote_code=True", "--tasks", "tiny_hellaswag", "--include_path", str(tasks),
          "--device", "cpu", "--batch_size", "4", "--output_path", str(tmp_path / "out"), "--log_samples"],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, text=True, env=env, timeout=600, encoding="utf-8"
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    harness = json.loads(Path(glob.glob(str(tmp_path / "out" / "*" / "results_*.json"))[0]).read_text())
+    harness = json.loads(Path(glob.glob(str(tmp_path / "out" / "*" / "results_*.json"))[0]).read_text(encoding="utf-8"))
     harness = harness["results"]["tiny_hellaswag"]
     samples = [json.loads(line) for line in
-               Path(glob.glob(str(tmp_path / "out" / "*" / "samples_*.jsonl"))[0]).read_text().splitlines()]
+               Path(glob.glob(str(tmp_path / "out" / "*" / "samples_*.jsonl"))[0]).read_text(encoding="utf-8").splitlines()]
 
     out = tmp_path / "ours.json"
     assert cli_main(["eval", str(model_folder), "--hellaswag", str(data), "--json", str(out), "--no_progress"]) == 0
-    ours = json.loads(out.read_text())["models"][str(model_folder)]
+    ours = json.loads(out.read_text(encoding="utf-8"))["models"][str(model_folder)]
     assert ours["hellaswag_acc"] == pytest.approx(harness["acc,none"])
     assert ours["hellaswag_acc_norm"] == pytest.approx(harness["acc_norm,none"])
     # and item by item, the log-likelihood of every ending
@@ -363,7 +362,7 @@ def test_pretraining_scores_hellaswag_and_the_model_card_carries_it(tmp_path, te
     run = tmp_path / "run"
     train(build_config(settings(text_dir, run, max_steps=8, eval_every=2, hellaswag=str(items), hellaswag_every=4,
                                 hellaswag_limit=5)))
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     evals = [r for r in rows if r["kind"] == "eval"]
     scored = [r for r in evals if "hellaswag_acc_norm" in r]
     assert [r["step"] for r in evals] == [2, 4, 6, 8] and [r["step"] for r in scored] == [4, 8]
@@ -372,7 +371,7 @@ def test_pretraining_scores_hellaswag_and_the_model_card_carries_it(tmp_path, te
     model, tokenizer = _load(run)
     final = score_hellaswag(model, tokenizer, load_items(str(items), limit=5), max_length=64)
     assert scored[-1]["hellaswag_acc_norm"] == pytest.approx(final["acc_norm"])
-    card = (run / "README.md").read_text()
+    card = (run / "README.md").read_text(encoding="utf-8")
     assert f"| {100 * final['acc_norm']:.1f}% | this run's metrics.jsonl, step 8 |" in card
     for name, value, source in HELLASWAG_REFERENCES:
         assert f"| {name} | {100 * value:.1f}% | {source} |" in card
@@ -388,7 +387,7 @@ def test_pretraining_hellaswag_settings_are_checked_before_training(tmp_path, te
         build_config(settings(text_dir, tmp_path, hellaswag=str(write_jsonl(tmp_path / "bad.jsonl", [bad]))))
     card_without = settings(text_dir, tmp_path / "plain", max_steps=2, eval_every=0)
     train(build_config(card_without))
-    assert "HellaSwag was not scored during this run" in (tmp_path / "plain" / "README.md").read_text()
+    assert "HellaSwag was not scored during this run" in (tmp_path / "plain" / "README.md").read_text(encoding="utf-8")
 
 
 def test_data_parallel_processes_each_score_their_share_of_the_items(tmp_path, model_folder):

@@ -114,7 +114,7 @@ def test_tokens_show_their_bytes_and_split_characters_honestly(report):
 
 def test_each_step_names_the_lines_that_do_it(report):
     _, steps, printed, _ = report
-    source = MODELING.read_text().splitlines()
+    source = MODELING.read_text(encoding="utf-8").splitlines()
     expected = {  # a step -> code every one of its ranges must include at least one of
         "embeddings": ["embed_tokens(", "embed_norm(", "F.rms_norm("],
         "positions": ["rotary_emb(", "inv_freq", "angles"],
@@ -213,7 +213,7 @@ def test_bad_model_folders_get_one_clear_line(tmp_path, capsys):
     assert "holds no config.json" in _one_line_error(capsys)
 
     (tmp_path / "gpt2").mkdir()
-    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}), encoding="utf-8")
     assert main([str(tmp_path / "gpt2"), "hi"]) == 2
     assert "holds a 'gpt2' model; explain walks through iterative-llm models only" in _one_line_error(capsys)
 

@@ -19,7 +19,7 @@ def fake_topology(tmp_path, siblings: dict[int, str]):
     for cpu, text in siblings.items():
         topology = tmp_path / f"cpu{cpu}" / "topology"
         topology.mkdir(parents=True)
-        (topology / "thread_siblings_list").write_text(text + "\n")
+        (topology / "thread_siblings_list").write_text(text + "\n", encoding="utf-8")
     return tmp_path
 
 
@@ -244,8 +244,8 @@ def test_the_start_time_is_read_from_proc_on_linux(tmp_path, monkeypatch):
     stat, uptime = tmp_path / "stat", tmp_path / "uptime"
     ticks = budget.os.sysconf("SC_CLK_TCK")
     # The command's name may hold spaces and brackets: fields are counted after its last ")".
-    stat.write_text("4242 (python (x) y) S " + " ".join(["0"] * 18) + f" {100 * ticks} 0 0\n")
-    uptime.write_text("107.5 200.0\n")
+    stat.write_text("4242 (python (x) y) S " + " ".join(["0"] * 18) + f" {100 * ticks} 0 0\n", encoding="utf-8")
+    uptime.write_text("107.5 200.0\n", encoding="utf-8")
     monkeypatch.setattr(budget, "PROC_STAT", str(stat))
     monkeypatch.setattr(budget, "PROC_UPTIME", str(uptime))
     before = budget.time.monotonic()

@@ -68,7 +68,7 @@ def test_save_load_gives_identical_logits(tmp_path, model):
     assert torch.equal(loaded.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
     assert torch.equal(loaded(x).logits, model(x).logits)
     assert (tmp_path / "modeling_iterative_llm.py").exists() and (tmp_path / "configuration_iterative_llm.py").exists()
-    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    auto_map = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
 
 
@@ -118,7 +118,7 @@ def test_folder_loads_in_a_fresh_process_without_the_package(tmp_path, model, to
     torch.save({"ids": x, "logits": model(x).logits}, tmp_path / "probe.pt")
     result = subprocess.run(
         [sys.executable, "-c", FRESH_PROCESS, str(tmp_path)], capture_output=True, text=True, timeout=300,
-        cwd=tmp_path,  # not the repo root, so nothing is imported from the source tree by accident
+        cwd=tmp_path,  # not the repo root, so nothing is imported from the source tree by accident, encoding="utf-8"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -115,7 +115,7 @@ def test_generate_chat_and_eval_run_on_the_apple_gpu_when_not_told(folder, moved
     assert moved_to == [torch.device("mps")]
     model, _ = load_chat_model(ChatArguments(model_name_or_path=str(folder)))
     assert moved_to[-1] == torch.device("mps") and model.dtype == torch.bfloat16  # bf16: native on this Mac
-    (tmp_path / "text.txt").write_text("The cat sat on the mat. " * 20)
+    (tmp_path / "text.txt").write_text("The cat sat on the mat. " * 20, encoding="utf-8")
     moved_to.clear()
     assert cli_main(["eval", str(folder), "--text", str(tmp_path / "text.txt"), "--progress", "false"]) == 0
     assert moved_to == [torch.device("mps")]

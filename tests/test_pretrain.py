@@ -35,7 +35,7 @@ def text_dir(tmp_path_factory, corpus) -> Path:
     """Forty small documents as .txt files."""
     folder = tmp_path_factory.mktemp("text")
     for i in range(40):
-        (folder / f"doc{i:02d}.txt").write_text(" ".join(corpus[i % len(corpus):] [:3]) + f" Document {i}.")
+        (folder / f"doc{i:02d}.txt").write_text(" ".join(corpus[i % len(corpus):] [:3]) + f" Document {i}.", encoding="utf-8")
     return folder
 
 
@@ -55,7 +55,7 @@ def settings(text_dir: Path, out: Path, **overrides) -> dict:
 
 
 def losses(run: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     return [row["loss"] for row in rows if row["kind"] == "train"]
 
 
@@ -77,10 +77,10 @@ def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path, text_di
     assert abs(on_train["val_loss"] - sum(curve[-5:]) / 5) < 0.3
     ids = tokenizer("The cat", return_tensors="pt").input_ids
     assert model.generate(ids, max_new_tokens=5, do_sample=False).shape[1] == ids.shape[1] + 5
-    card = (run / "README.md").read_text()
+    card = (run / "README.md").read_text(encoding="utf-8")
     assert f"{summary['final_val_bpb']:.4f}" in card and "{" not in card.split("---", 2)[2].replace("{%", "")
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    recorded = json.loads((run / "versions.json").read_text())
+    recorded = json.loads((run / "versions.json").read_text(encoding="utf-8"))
     assert recorded["torch"] == torch.__version__.split("+")[0] or recorded["torch"].startswith(torch.__version__[:4])
 
 
@@ -138,7 +138,7 @@ def test_prepare_makes_the_tokenizer_and_shards_that_train_then_uses_as_they_are
     # The command as told, on top of a small model's settings (in a --config file).
     small = settings(text_dir, tmp_path / "run", max_steps=2, eval_every=0)
     del small["data"], small["val_fraction"]
-    (tmp_path / "small.yaml").write_text(yaml.safe_dump(small))
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(small), encoding="utf-8")
     summary = train(parse_args([*command, "--config", str(tmp_path / "small.yaml")]))
     said = capsys.readouterr().out
     assert summary["steps"] == 2 and "tokenizer" not in said.split("data:")[0]
@@ -183,7 +183,7 @@ def test_two_data_parallel_processes_match_one_process(tmp_path, text_dir):
     import yaml
 
     config.write_text(yaml.safe_dump(settings(text_dir, tmp_path / "ddp", batch_size=2, data_cache=str(single / "data"),
-                                              **gentle)))
+                                              **gentle)), encoding="utf-8")
     env = child_env(OMP_NUM_THREADS="1")
     # Well inside CI's limit; on a timeout the launcher and both workers are killed, none outlives the test.
     result = run_process_tree(
@@ -192,7 +192,7 @@ def test_two_data_parallel_processes_match_one_process(tmp_path, text_dir):
         timeout=240, env=env, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["processes"] == 2
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text(encoding="utf-8"))["processes"] == 2
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "ddp")), torch.tensor(losses(single)), rtol=1e-4, atol=1e-4)
 
 
@@ -204,7 +204,7 @@ def test_a_command_past_its_timeout_is_killed_with_all_its_processes(tmp_path):
               f"time.sleep(600)']); open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(600)")
     with pytest.raises(pytest.fail.Exception, match=r"did not finish within 3 s; it was killed with all its processes"):
         run_process_tree([sys.executable, "-c", parent], timeout=3)
-    child = int(pid_file.read_text())
+    child = int(pid_file.read_text(encoding="utf-8"))
     for _ in range(50):  # SIGKILL is delivered at once; the process table may lag a moment
         if not process_alive(child):
             break
@@ -257,7 +257,7 @@ def test_sigkill_at_random_moments_never_breaks_the_latest_checkpoint(tmp_path):
     rng = random.Random(0)
     for attempt in range(3):
         folder = tmp_path / f"run{attempt}"
-        process = subprocess.Popen([sys.executable, "-c", KILL_LOOP, str(folder), str(ROOT)], stdout=subprocess.PIPE, text=True)
+        process = subprocess.Popen([sys.executable, "-c", KILL_LOOP, str(folder), str(ROOT)], stdout=subprocess.PIPE, text=True, encoding="utf-8")
         assert process.stdout.readline().strip() == "1"  # one checkpoint is complete
         time.sleep(rng.uniform(0.05, 1.0))
         process.send_signal(signal.SIGKILL)
@@ -342,7 +342,7 @@ def test_full_disk_during_the_export_keeps_the_model_folder_and_the_checkpoint(t
     assert not list(run.glob(".export-*"))
     monkeypatch.undo()
     assert main(["--out", str(run), "--resume"]) == 0
-    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    assert json.loads((run / "summary.json").read_text(encoding="utf-8"))["steps"] == 3
     assert (run / "model.safetensors").read_bytes() != exported["model.safetensors"]
 
 
@@ -424,7 +424,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, tex
     assert f"skipped checkpoint {damaged}: {damaged / 'training_state.pt'} is corrupt" in out
     assert f"It is kept as {aside}." in out
     assert f"resumed from {run / 'checkpoints' / 'step_00000002'} (step 2" in out
-    assert json.loads((run / "summary.json").read_text())["steps"] == 5
+    assert json.loads((run / "summary.json").read_text(encoding="utf-8"))["steps"] == 5
     # Set aside, it is neither written over when the run saves step 4 again, nor counted as one to keep.
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "damaged-step_00000004", "latest", "step_00000004", "step_00000005"]
@@ -440,7 +440,7 @@ def test_resume_never_deletes_a_damaged_checkpoint(tmp_path, capsys):
         save_checkpoint(tmp_path, model, optimizers, {"step": step, "tokens": 0, "time": 0.0}, keep=3)
     root = tmp_path / "checkpoints"
     (root / "step_00000003" / "training_state.pt").write_bytes(b"")
-    (root / "step_00000002" / "trainer_state.json").write_text("{not json")
+    (root / "step_00000002" / "trainer_state.json").write_text("{not json", encoding="utf-8")
     path, state = resume_checkpoint(tmp_path, tiny_model(), [torch.optim.AdamW(model.parameters())], set_aside=False)
     assert (path.name, state["step"]) == ("step_00000001", 1)
     out = capsys.readouterr().out.splitlines()
@@ -486,7 +486,7 @@ def test_missing_and_empty_data_are_named(tmp_path):
         train(build_config(settings(tmp_path / "nowhere", tmp_path / "run")))
     empty = tmp_path / "empty"
     empty.mkdir()
-    (empty / "a.txt").write_text("")
+    (empty / "a.txt").write_text("", encoding="utf-8")
     with pytest.raises(ValueError, match="no"):
         train(build_config(settings(empty, tmp_path / "run2")))
 
@@ -554,18 +554,18 @@ def test_resume_continues_with_the_runs_own_settings(tmp_path, text_dir, monkeyp
     run = tmp_path / "run"
     values = settings(text_dir, run, max_steps=6, eval_every=0)
     config_file = tmp_path / "mine.yaml"
-    config_file.write_text(yaml.safe_dump(values))
+    config_file.write_text(yaml.safe_dump(values), encoding="utf-8")
     stop_at(monkeypatch, 3)
     assert main(["--config", str(config_file)]) == 0
     assert latest_checkpoint(run).name == "step_00000003"
-    saved = (run / "run_config.yaml").read_text()
+    saved = (run / "run_config.yaml").read_text(encoding="utf-8")
 
     # The README's command: only --out and --resume. The preset would say 250 steps of builtin data.
     assert parse_args(["--out", str(run), "--resume"]).max_steps == 6
     assert main(["--out", str(run), "--resume"]) == 0
-    summary = json.loads((run / "summary.json").read_text())
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
     assert summary["steps"] == 6 and summary["data"] == str(text_dir)
-    assert yaml.safe_load((run / "run_config.yaml").read_text())["train"] == yaml.safe_load(saved)["train"]
+    assert yaml.safe_load((run / "run_config.yaml").read_text(encoding="utf-8"))["train"] == yaml.safe_load(saved)["train"]
 
     # A longer budget may be given; it is recorded with the step it applies from.
     assert parse_args(["--out", str(run), "--resume", "--max_steps", "9", "--log_every", "3"]).max_steps == 9
@@ -586,17 +586,17 @@ def test_a_resume_that_extends_the_run_records_it(tmp_path, text_dir):
     run = tmp_path / "run"
     train(build_config(settings(text_dir, run, max_steps=3, eval_every=0)))
     assert main(["--out", str(run), "--resume", "--max_steps", "5"]) == 0
-    saved = yaml.safe_load((run / "run_config.yaml").read_text())
+    saved = yaml.safe_load((run / "run_config.yaml").read_text(encoding="utf-8"))
     assert saved["train"]["max_steps"] == 5 and saved["train"]["seed"] == 1337
     assert saved["resumed"] == [{"step": 3, "changed": {"max_steps": 5}}]
-    assert json.loads((run / "summary.json").read_text())["steps"] == 5
+    assert json.loads((run / "summary.json").read_text(encoding="utf-8"))["steps"] == 5
 
 
 def test_shards_of_other_data_are_never_advised_away(tmp_path, text_dir, corpus):
     first = tmp_path / "first"
     train(build_config(settings(text_dir, first, max_steps=1, eval_every=0)))
     other = tmp_path / "other.txt"
-    other.write_text("\n\n".join(corpus))
+    other.write_text("\n\n".join(corpus), encoding="utf-8")
     with pytest.raises(TrainingError) as caught:
         train(build_config(settings(other, tmp_path / "second", max_steps=1, data_cache=str(first / "data"))))
     message = str(caught.value)
@@ -608,7 +608,7 @@ def test_a_failed_start_leaves_no_run_folder(tmp_path, capsys):
     from training.pretrain import main
 
     empty = tmp_path / "empty.txt"
-    empty.write_text("")
+    empty.write_text("", encoding="utf-8")
     for data in (tmp_path / "missing.txt", empty):
         run = tmp_path / f"run-{data.stem}"
         assert main(["--data", str(data), "--out", str(run), "--report_to", "none", "--progress", "false"]) == 1
@@ -625,7 +625,7 @@ def test_unknown_names_are_errors_with_a_hint(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"Unknown model field 'num_hidden_layer'.*Did you mean 'num_hidden_layers'"):
         parse_args(["--model.num_hidden_layer", "2"])
     config_file = tmp_path / "typo.yaml"
-    config_file.write_text("model:\n  hiden_size: 64\n")
+    config_file.write_text("model:\n  hiden_size: 64\n", encoding="utf-8")
     with pytest.raises(ValueError, match=rf"Unknown model field 'hiden_size' in {config_file}.*Did you mean 'hidden_size'"):
         parse_args(["--config", str(config_file)])
     with pytest.raises(ValueError, match="Unknown model field 'num_hidden_layer'"):
@@ -677,7 +677,7 @@ def test_tensorboard_logs_go_where_the_readme_says(tmp_path, text_dir):
     run = tmp_path / "run"
     train(build_config(settings(text_dir, run, max_steps=2, eval_every=0, report_to="tensorboard")))
     assert list((run / "logs").glob("events.out.tfevents.*")) and not (run / "pretrain").exists()
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     table = readme.split("writes one folder:", 1)[1].split("\n\n", 2)[1]
     listed = [name for row in table.splitlines()[2:] for name in re.findall(r"`([^`]+)`", row.split("|")[1])]
     assert "logs/" in listed
@@ -693,7 +693,7 @@ def test_one_way_of_sampling_and_of_stopping(tmp_path, text_dir, monkeypatch):
 
     run = tmp_path / "run"
     train(build_config(settings(text_dir, run, max_steps=2, eval_every=0)))
-    saved = json.loads((run / "generation_config.json").read_text())
+    saved = json.loads((run / "generation_config.json").read_text(encoding="utf-8"))
     tokenizer = AutoTokenizer.from_pretrained(run)
     assert (saved["temperature"], saved["top_k"], saved["do_sample"]) == (0.8, 50, True)
     assert saved["eos_token_id"] == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")]

@@ -41,7 +41,7 @@ def holder(tmp_path):
 
     def start(folder: Path) -> subprocess.Popen:
         process = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), str(ROOT)], stdout=subprocess.PIPE,
-                                   text=True)
+                                   text=True, encoding="utf-8")
         started.append(process)
         assert process.stdout.readline().strip() == "held"
         return process
@@ -81,7 +81,7 @@ def test_a_lock_that_made_its_folder_leaves_none_when_nothing_was_written(tmp_pa
         pass
     assert not (tmp_path / "fresh").exists()
     with hold(tmp_path / "used", "advice"):
-        (tmp_path / "used" / "file").write_text("kept")
+        (tmp_path / "used" / "file").write_text("kept", encoding="utf-8")
     assert (tmp_path / "used" / "file").is_file()
 
 
@@ -103,7 +103,7 @@ def test_a_data_cache_being_prepared_is_not_prepared_twice(tmp_path, holder, tex
     first = holder(cache)
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(settings(text_dir, tmp_path / "run", max_steps=1, eval_every=0,
-                                              data_cache=str(cache))))
+                                              data_cache=str(cache))), encoding="utf-8")
     assert main(["--config", str(config)]) == 1
     error = capsys.readouterr().err
     assert f"{cache} is being written by process {first.pid}" in error and "preparing the token shards" in error
@@ -119,10 +119,10 @@ def test_a_second_training_into_a_run_folder_is_refused_until_the_first_is_kille
     run = tmp_path / "run"
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(settings(text_dir, run, max_steps=100_000, eval_every=0, checkpoint_every=2,
-                                              log_every=100)))
+                                              log_every=100)), encoding="utf-8")
     env = child_env(OMP_NUM_THREADS="1")
     first = subprocess.Popen([sys.executable, "-m", "training.pretrain", "--config", str(config)], cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, encoding="utf-8")
     try:
         deadline = time.monotonic() + 120
         while latest_checkpoint(run) is None:

@@ -5,7 +5,6 @@ standard `trl sft` command line runs on a folder we export."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +23,14 @@ from training.alignment_data import DataArguments, load_sft_dataset
 from training.model_folder import load_starting_model
 from training.sft import SFTConfig, SFTScriptArguments, end_of_turn_share, make_trainer
 
+from .conftest import third_party_env
+
 TRL = Path(sys.executable).with_name("trl")
 
 
 def _subprocess_env() -> dict[str, str]:
     # Offline, and no more threads than this process uses (pytest -n 2 gives each worker one).
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return third_party_env(HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
 
 
 @pytest.fixture(scope="module")
@@ -89,20 +90,20 @@ def test_sft_trains_and_writes_a_chat_model_folder(base_folder, conversations_fi
         num_heldout=8, eval_generations=4, eval_max_new_tokens=8, max_steps=100, learning_rate=3e-3,
         lr_scheduler_type="constant", per_device_train_batch_size=2, per_device_eval_batch_size=4, max_length=64,
         logging_steps=10, save_strategy="no", report_to="none", seed=0,
-    )))
+    )), encoding="utf-8")
     # `iterative-llm sft`: the YAML preset, with a command-line override on top.
     assert cli_main(["sft", "--config", str(preset), "--max_steps", "20"]) == 0
 
-    summary = json.loads((out / "sft_summary.json").read_text())
+    summary = json.loads((out / "sft_summary.json").read_text(encoding="utf-8"))
     assert summary["steps"] == 20
     before, after = summary["before"]["heldout_loss"], summary["after"]["heldout_loss"]
     print(f"held-out loss {before:.3f} -> {after:.3f}")
     assert after < before - 0.5, (before, after)  # the loss on held-out replies falls
     assert summary["after"]["end_of_turn_n"] == 4
 
-    card = (out / "README.md").read_text()
+    card = (out / "README.md").read_text(encoding="utf-8")
     assert "## Supervised fine-tuning (SFT)" in card and "held-out loss" in card and "| steps | 20 |" in card
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [5, 0]
+    assert json.loads((out / "generation_config.json").read_text(encoding="utf-8"))["eos_token_id"] == [5, 0]
 
     # A plain Hugging Face chat model folder: Auto classes, and pipeline with messages.
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -183,7 +184,7 @@ def test_trl_sft_command_line_runs_on_an_exported_folder(base_folder, tmp_path):
          "--use_cpu", "--max_steps", "2", "--report_to", "none", "--output_dir", str(out),
          "--per_device_train_batch_size", "2", "--max_length", "64", "--packing", "--assistant_only_loss", "true",
          "--save_strategy", "no"],
-        capture_output=True, text=True, timeout=300, env=_subprocess_env(),
+        capture_output=True, text=True, timeout=300, env=_subprocess_env(), encoding="utf-8"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "model.safetensors").exists() and (out / "modeling_iterative_llm.py").exists()

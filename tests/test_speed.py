@@ -72,7 +72,7 @@ def test_throughput_benchmark_runs_end_to_end_and_prints_its_table(tmp_path):
         [sys.executable, "benchmarks/throughput.py", "--preset", "tiny", "--device", "cpu", "--vocab-size", "256",
          "--batch-size", "2", "--seq-len", "32", "--grad-accum", "2", "--steps", "1", "--rounds", "2", "--warmup", "1",
          "--gen-batch", "2", "--prompt-len", "4", "--new-tokens", "4", "--json", str(figures_file)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, encoding="utf-8"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout[result.stdout.index("tiny preset, vocab 256"):]
@@ -84,7 +84,7 @@ def test_throughput_benchmark_runs_end_to_end_and_prints_its_table(tmp_path):
         ours, gpt2, ratio = row.split()[-3:]
         assert float(ours.replace(",", "")) > 0 and float(gpt2.replace(",", "")) > 0 and float(ratio) > 0
     assert "train MFU" in table and "n/a" in table  # no peak FLOP/s is known for a CPU
-    figures = json.loads(figures_file.read_text())
+    figures = json.loads(figures_file.read_text(encoding="utf-8"))
     assert figures["models"]["ours"]["train_tokens_per_s"] > 0 and figures["train_ratio"] > 0
 
 

@@ -185,7 +185,7 @@ def test_a_thread_that_fails_stops_the_run_with_a_checkpoint(tmp_path, big_text_
     assert f"--out {run} --resume" in message
     saved = latest_checkpoint(run)
     assert saved is not None, "the steps trained before the failure were not saved"
-    assert json.loads((saved / STATE_FILE).read_text())["step"] > 0
+    assert json.loads((saved / STATE_FILE).read_text(encoding="utf-8"))["step"] > 0
 
 
 def test_the_thread_reports_its_failure_where_training_can_act(tmp_path):

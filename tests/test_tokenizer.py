@@ -221,7 +221,7 @@ def _load_in_a_fresh_process(*folders) -> tuple[list[dict], str]:
         [sys.executable, "-c", FRESH_PROCESS, json.dumps(list(map(str, folders))), json.dumps(TRICKY), json.dumps(CONVERSATION),
          json.dumps(SPECIAL_TOKENS)],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, encoding="utf-8"
     )
     assert result.returncode == 0, result.stderr
     *others, last = result.stdout.strip().splitlines()
@@ -240,7 +240,7 @@ def test_a_saved_tokenizer_loads_like_any_other_in_a_fresh_process(tok, tmp_path
     tok.save_pretrained(tmp_path / "model")
     folders = (tmp_path / "tokenizer", tmp_path / "model")
     for folder, loaded in zip(folders, _load_in_a_fresh_process(*folders)[0], strict=True):
-        saved = json.loads((folder / "tokenizer_config.json").read_text())
+        saved = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
         assert saved["tokenizer_class"] == "TokenizersBackend" and "auto_map" not in saved
         assert loaded == {
             "class": "TokenizersBackend",

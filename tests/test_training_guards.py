@@ -27,7 +27,7 @@ def test_a_run_that_learns_nothing_stops_with_the_likely_causes(tmp_path, text_d
     assert "not learning" in message and "after 20 steps" in message
     for cause in ("--compile false", "--precision fp32", "--lr_matrix 0.0", "--stop_if_not_learning false"):
         assert cause in message
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert max(row["step"] for row in rows) == 20  # stopped at the check, not after 1000 steps
 
 
@@ -58,7 +58,7 @@ def test_compiled_gradients_that_differ_from_eager_stop_the_run_before_training(
     run = tmp_path / "run"
     with pytest.raises(TrainingError, match="--compile false"):
         train(build_config(settings(text_dir, run, compile=True)))
-    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip()
+    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text(encoding="utf-8").strip()
 
 
 @pytest.mark.slow
@@ -74,7 +74,7 @@ def test_a_time_budget_is_training_time_with_compilation_before_the_clock(tmp_pa
     # second run of the suite): either way it happened, and off the clock.
     assert summary["compile_seconds"] > 0
     assert wall > summary["time"] + summary["compile_seconds"]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     train_rows = [row for row in rows if row["kind"] == "train"]
     times = [0.0] + [row["time"] for row in train_rows]
     longest_step = max(b - a for a, b in zip(times, times[1:]))
