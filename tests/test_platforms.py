@@ -122,3 +122,29 @@ def test_generate_chat_and_eval_run_on_the_apple_gpu_when_not_told(folder, moved
     moved_to.clear()
     assert cli_main(["generate", str(folder), "The", "--max_new_tokens", "2", "--device", "cpu"]) == 0
     assert moved_to == [torch.device("cpu")]  # an explicit device wins
+
+
+def test_sft_and_dpo_train_in_bf16_only_where_the_device_computes_it_natively(monkeypatch):
+    """TRL's own default is bf16 everywhere; ours is the plan's rule: an M2 (measured faster) and an
+    Ampere card yes, an M1 or a T4 (emulated, slower) no, a CPU no."""
+    import torch
+
+    from training import machine
+    from training.alignment import resolve_device_defaults
+
+    class Args:
+        bf16, fp16, gradient_checkpointing, use_cpu, dataloader_pin_memory = None, False, None, False, True
+
+    def resolved(device: str, native: bool) -> bool:
+        monkeypatch.setattr(machine, "default_device", lambda: torch.device(device))
+        monkeypatch.setattr(machine, "fast_matmul_dtype",
+                            lambda where: torch.bfloat16 if native and torch.device(where).type != "cpu" else torch.float32)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: device == "mps")
+        args = type("A", (Args,), {})
+        resolve_device_defaults(args)
+        return args.bf16
+
+    assert resolved("mps", native=True) is True and resolved("mps", native=False) is False
+    assert resolved("cuda", native=True) is True and resolved("cuda", native=False) is False
+    assert resolved("cpu", native=True) is False

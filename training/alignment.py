@@ -32,7 +32,9 @@ class InputError(ValueError):
 def resolve_device_defaults(args) -> None:
     """TRL defaults to bf16 and gradient checkpointing, which fail or only cost time on a CPU.
 
-    `bf16=None` becomes True only on a GPU that supports it; activation checkpointing left unset
+    `bf16=None` becomes True only on a GPU that computes it natively (an NVIDIA card from Ampere on, an
+    Apple GPU that measures it faster: training/machine.py; a T4 or an M1 only emulates it, slower
+    than float32), as pretraining's plan decides; activation checkpointing left unset
     (`activation_checkpointing`, or its deprecated alias `gradient_checkpointing`) becomes False on a
     CPU and TRL's default (True) on a GPU. Setting the new name keeps transformers (5.x) from warning
     that the old one is deprecated. Explicit values are left alone. On a machine
@@ -41,9 +43,12 @@ def resolve_device_defaults(args) -> None:
     """
     import torch
 
+    from training.machine import default_device, fast_matmul_dtype
+
     gpu = torch.cuda.is_available() and not args.use_cpu
     if args.bf16 is None and not args.fp16:
-        args.bf16 = bool(gpu and torch.cuda.is_bf16_supported())
+        device = torch.device("cpu") if args.use_cpu else default_device()
+        args.bf16 = device.type in ("cuda", "mps") and fast_matmul_dtype(device) == torch.bfloat16
     if getattr(args, "activation_checkpointing", None) is None and args.gradient_checkpointing is None:
         args.activation_checkpointing = args.gradient_checkpointing = gpu
     accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
