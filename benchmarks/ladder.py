@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from iterative_llm.console import make_output_safe  # noqa: E402
 from training import ladder  # noqa: E402
 from training.budget import parse_duration  # noqa: E402
-from training.prepare import _split_tail  # noqa: E402
+from training.prepare import split_tail  # noqa: E402  (the split rule prepare uses for a few books)
 from training.sources import iter_documents  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def split_books(source: str, folder: Path, fraction: float = 0.02) -> tuple[Path
     heads.mkdir(parents=True, exist_ok=True)
     tails.mkdir(parents=True, exist_ok=True)
     for i, text in enumerate(iter_documents(source)):
-        head, tail = _split_tail(text, fraction)
+        head, tail = split_tail(text, fraction)
         (heads / f"{i:04d}.txt").write_text(head, encoding="utf-8")
         (tails / f"{i:04d}.txt").write_text(tail, encoding="utf-8")
     return heads, tails

@@ -78,3 +78,15 @@ def make_output_safe() -> None:
         except (OSError, ValueError):
             # stdin already read from cannot change its encoding; it then stays as Python opened it.
             pass
+
+
+def progress_bar(enabled: bool, description: str, *, unit: str, initial: int = 0, **options):
+    """A tqdm bar on stderr, or None when not `enabled` (or without tqdm, which comes with the training
+    extras): every bar the commands draw (tokens prepared, training steps, tokens and endings scored)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(desc=description, unit=unit, initial=initial, dynamic_ncols=True, **options)

@@ -3,8 +3,8 @@
 transformers 5.24 tests every causal LM with the common tests in `tests/test_modeling_common.py`,
 `tests/test_configuration_common.py`, `tests/test_training_mixin.py` and `tests/generation/test_utils.py`.
 Many of them key on transformers' static model-name mappings and would silently skip for a custom
-model, so each group-A item of /work/notes/hf_contract.md that `test_model.py` does not already
-cover is re-stated here as our own test (written from the checklist's recipes, not copied).
+model, so each item of that contract that `test_model.py` does not already cover is re-stated
+here as our own test (written from transformers' recipes, not copied).
 
 Two configs are used:
 - `common_config()`: the config transformers' `CausalLMModelTester` would build for us (vocab 99,

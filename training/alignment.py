@@ -3,7 +3,7 @@ and the steps of `run()` around each script's own trainer and evaluation.
 
 Both scripts keep the shape of TRL's `trl/scripts/sft.py` and `dpo.py` (dataclass arguments, `TrlParser`,
 `run()`, `main()`) and read top to bottom; what is the same in both lives here once, so the two cannot
-drift apart (STYLE.md). Their data shapes are in `training/alignment_data.py`, reading and writing model
+drift apart. Their data shapes are in `training/alignment_data.py`, reading and writing model
 folders in `training/model_folder.py`.
 """
 

@@ -356,6 +356,19 @@ def resume_settings(out: Path, given: dict[str, Any]) -> dict[str, Any] | None:
     return {**saved, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}, "out": str(out), "resume": True}
 
 
+def source_share_trained(config: TrainConfig) -> float:
+    """The share of the training source's tokens that training reads: all of it with a separate
+    --val_data, else what --val_fraction leaves (the rest is held out for validation). The tokens to
+    tokenise for T tokens of training are T over this."""
+    return 1.0 if config.val_data else 1.0 - config.val_fraction
+
+
+def token_caps(config: TrainConfig, tokens_per_step: int) -> list[int]:
+    """The tokens --max_tokens and --max_steps let a run train, of those that are set."""
+    steps_cap = config.max_steps * tokens_per_step if config.max_steps else None
+    return [cap for cap in (config.max_tokens, steps_cap) if cap]
+
+
 def write_run_config(out: Path, config: TrainConfig, model_config, resumed: bool, step: int) -> None:
     """OUT/run_config.yaml: the resolved settings and the model config's own fields, which
     `resume_settings` reads back. A resume keeps the run's settings and records what it changed."""

@@ -13,6 +13,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from iterative_llm.console import progress_bar
+
 from .batches import iter_eval_batches
 from .machine import cpu_description, cpu_name
 from .shards import TokenSplit
@@ -203,11 +205,7 @@ def text_bits_per_byte(
     if num_tokens == 0:
         raise ValueError("the text holds no tokens to score")
     pieces.sort(key=lambda piece: -len(piece[0]))  # similar lengths share a batch
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num_tokens, desc="bits per byte", unit="tok", dynamic_ncols=True)
+    bar = progress_bar(progress, "bits per byte", unit="tok", total=num_tokens)
     nats = 0.0
     for start in range(0, len(pieces), batch_size):
         batch = pieces[start:start + batch_size]

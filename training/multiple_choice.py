@@ -20,7 +20,6 @@ place they are written down; the eval command and the model card both print them
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,10 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
+
+from iterative_llm.console import progress_bar
+
+from .sources import jsonl_records
 
 # (model, HellaSwag acc_norm, how it was scored and where the figure comes from). Only the first is
 # scored exactly as here (lm-eval-harness); llm.c divides by the ending's tokens, not characters, and
@@ -112,13 +115,7 @@ def load_items(source: str, limit: int | None = None) -> list[Item]:
         )
     items = []
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise HellaSwagError(f"{path} line {number}: not JSON ({err.msg}). Give one JSON object per line.") from None
+        for number, record in jsonl_records(f, path, error=HellaSwagError):
             items.append(to_item(record, f"{path} line {number}"))
             if limit is not None and len(items) >= limit:
                 break
@@ -177,7 +174,7 @@ def loglikelihoods(
     model.eval()
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     results = [0.0] * len(pairs)
-    bar = _bar(progress, len(pairs), desc)
+    bar = progress_bar(progress, desc, unit="ending", total=len(pairs))
     for start in range(0, len(order), batch_size):
         chosen = order[start:start + batch_size]
         rows, spans = [], []
@@ -254,14 +251,6 @@ def model_max_length(model, default: int = 2048) -> int:
 def references_markdown() -> str:
     """The reference figures as Markdown table rows (model | acc_norm | source)."""
     return "\n".join(f"| {name} | {100 * value:.1f}% | {source} |" for name, value, source in HELLASWAG_REFERENCES)
-
-
-def _bar(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="ending", dynamic_ncols=True)
 
 
 

@@ -11,7 +11,8 @@
 
 Every decision is a `Decision(value, reason)`, so that the plan a run prints says what it chose and
 why. Decisions take a `Device`, not torch's global state, so that tests can ask what an 8 GB card
-without bf16 would get (tests/test_plan.py, and the README's table of common cards).
+without bf16 would get (tests/test_budget.py and tests/test_platforms.py, and the README's table of
+common cards).
 """
 
 from __future__ import annotations
@@ -326,6 +327,12 @@ class Plan:
     depth: int | None = None  # the ladder depth --preset auto chose
     end_parts: dict = None  # TimeBudget.end_parts as planned
 
+    @property
+    def tokenises_beside(self) -> bool:
+        """Whether a thread tokenises the rest of the data while training runs: the one answer every
+        part of a run asks (the main process has the thread; the others take up its shards)."""
+        return self.tokenise_beside is not None and bool(self.tokenise_beside.value)
+
     def lines(self, budget, device: Device, threads: int) -> list[str]:
         from .budget import format_seconds
 
@@ -345,7 +352,7 @@ class Plan:
                                   f"{self.activation_checkpointing.reason}")]
         if self.tokens_per_second:
             rows.append(("speed", f"{self.tokens_per_second:,.0f} training tokens/s (probed)"))
-        beside = self.tokenise_beside is not None and self.tokenise_beside.value
+        beside = self.tokenises_beside
         if self.tokens_to_prepare and beside and (self.tokens_planned or 0) > self.tokens_to_prepare:
             rows.append(("data", f"tokenise {self.tokens_to_prepare:,} tokens of {c.data} now (the first "
                                  f"{BESIDE_FIRST_SECONDS:.0f} s of training), the rest of {self.tokens_planned:,} "
@@ -380,6 +387,8 @@ def fit_run(config, *, device: Device, torch_device: torch.device, budget, world
 
     from . import ladder
     from .budget import format_seconds
+    from .config import source_share_trained, token_caps
+    from .step import micro_steps
 
     precision = choose_precision(device, config.precision)
     timed = budget.seconds is not None
@@ -415,7 +424,7 @@ def fit_run(config, *, device: Device, torch_device: torch.device, budget, world
         rates = {}
 
         def try_step(micro_batch: int) -> None:
-            accumulation = max(1, round(step_tokens / (micro_batch * config.seq_len * world_size)))
+            accumulation = micro_steps(step_tokens, micro_batch, config.seq_len, world_size)
             settings = dict(optimizer=config.optimizer, lr_matrix=lrs.get("lr_matrix", config.lr_matrix),
                             lr_embed=lrs.get("lr_embed", config.lr_embed), lr_head=lrs.get("lr_head", config.lr_head),
                             lr_scalar=config.lr_scalar, adamw_lr=config.adamw_lr, weight_decay=config.weight_decay)
@@ -496,9 +505,8 @@ def fit_run(config, *, device: Device, torch_device: torch.device, budget, world
         budget.end_parts = plan.end_parts = end_reserve(resolved, params, rate, plan.training_seconds)
         budget.eval_tokens = resolved.eval_tokens
         tokens = trained_before + DATA_MARGIN * rate * plan.training_seconds
-        limits = [tokens] + [limit for limit in (resolved.max_tokens,
-                  resolved.max_steps * step_tokens if resolved.max_steps else None) if limit]
-        share_kept = 1.0 if resolved.val_data else 1.0 - resolved.val_fraction
+        limits = [tokens] + token_caps(resolved, step_tokens)
+        share_kept = source_share_trained(resolved)
         plan.tokens_planned = max(step_tokens, int(min(limits) / share_kept))
         if beside.value:
             first = trained_before + DATA_MARGIN * rate * BESIDE_FIRST_SECONDS

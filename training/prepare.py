@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from iterative_llm.command_line import CommandParser, parse_command_line, shown
-from iterative_llm.console import make_output_safe
+from iterative_llm.console import make_output_safe, progress_bar
 from iterative_llm.tokenization import (
     boundary_token_id,
     load_tokenizer,
@@ -245,7 +245,8 @@ def prepare_shards(
                 # Resuming: the first documents_read are already in committed shards.
                 documents = itertools.islice(documents, state["documents_read"], None)
                 pieces = _pieces(documents, forced_split, val_fraction, tails)
-                bar = _progress_bar(progress, f"tokenising {stream_source}", state["tokens"])
+                bar = progress_bar(progress, f"tokenising {stream_source}", unit="tok", initial=state["tokens"],
+                                   unit_scale=True)
                 # Under a cap, a batch holds about the text still wanted (4 characters a token), so that
                 # a stream (a hub dataset) is not read far past it.
                 wanted = None if cap is None else (lambda: 4 * (cap - state["tokens"]))
@@ -365,7 +366,7 @@ def _pieces(documents: Iterable[str], forced_split: str | None, val_fraction: fl
         if forced_split is not None:
             yield text, forced_split, True
         elif tails:
-            head, tail = _split_tail(text, val_fraction)
+            head, tail = split_tail(text, val_fraction)
             if tail.strip():
                 yield head, "train", False
                 yield tail, "val", True
@@ -375,7 +376,7 @@ def _pieces(documents: Iterable[str], forced_split: str | None, val_fraction: fl
             yield text, "val" if _in_validation(text.encode("utf-8"), val_fraction) else "train", True
 
 
-def _split_tail(text: str, fraction: float) -> tuple[str, str]:
+def split_tail(text: str, fraction: float) -> tuple[str, str]:
     """`text` cut about `fraction` of its length before the end: at a paragraph break near that
     point if there is one, else a line break, else a space, else exactly there."""
     cut = round(len(text) * (1 - fraction))
@@ -543,16 +544,6 @@ def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _progress_bar(enabled: bool, description: str, initial: int):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(desc=description, unit="tok", unit_scale=True, initial=initial, dynamic_ncols=True)
 
 
 def _say(enabled: bool, message: str) -> None:

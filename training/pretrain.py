@@ -42,6 +42,7 @@ import torch
 
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM, run_folder
 from iterative_llm.command_line import shell_word
+from iterative_llm.console import progress_bar
 from iterative_llm.console import make_output_safe
 from iterative_llm.tokenization import check_tokenizer_matches_model, token_byte_lengths
 
@@ -50,7 +51,9 @@ from .batches import RandomWindowBatches
 from .budget import TimeBudget, format_seconds, parse_duration, process_start_time
 from .checkpoint import STATE_FILE, CheckpointError, latest_checkpoint, resume_checkpoint, save_checkpoint
 # build_parser: every stage module has one (`iterative-llm train`'s lives in config.py).
-from .config import TrainConfig, build_parser, parse_args, scalar_settings, write_run_config  # noqa: F401
+from .config import (  # noqa: F401
+    TrainConfig, build_parser, parse_args, scalar_settings, source_share_trained, token_caps, write_run_config,
+)
 from .evaluate import evaluate, flops_per_token, hardware, peak_flops, sample
 from .export import export_model_folder
 from .guards import LearningCheck, TrainingError, check_loss_finite, check_model_settings, check_resume_settings
@@ -67,7 +70,8 @@ from .shards import MANIFEST, ShardedDataset
 from .sources import iter_documents
 from .stop_request import StopRequest
 from .step import (
-    compile_model, compile_problem, eagerly, to_model_inputs, train_step, uncompile_model, warm_up_compiled,
+    compile_model, compile_problem, eagerly, micro_steps, to_model_inputs, train_step, uncompile_model,
+    warm_up_compiled,
 )
 from .tokenise_beside import TokeniserBeside, TokenisingFailed
 from .versions import package_versions
@@ -292,15 +296,15 @@ class Run:
         if self.budget.seconds is None or self.data_dir is None or spent <= 0:
             return
         try:
-            if self.tokenising_beside:
+            if self.plan.tokenises_beside:
                 self._take_up_new_shards()  # on every process, at the same step
             if self._source_exhausted:
                 return
             speed = (s["tokens"] - self.tokens_at_start) / spent
             rest = self.budget.training_seconds(spent) - spent
-            limits = [limit for limit in (c.max_tokens, c.max_steps and c.max_steps * self.tokens_per_step) if limit]
-            share_kept = 1.0 if c.val_data else 1.0 - c.val_fraction
-            if self.tokenising_beside:
+            limits = token_caps(c, self.tokens_per_step)
+            share_kept = source_share_trained(c)
+            if self.plan.tokenises_beside:
                 soon = min([s["tokens"] + speed * min(rest, BESIDE_FIRST_SECONDS)] + limits)
                 if self.main_process and not self.beside.running and soon > self.train_split.num_tokens:
                     wanted = min([s["tokens"] + DATA_MARGIN * speed * rest] + limits)
@@ -330,11 +334,6 @@ class Run:
             self.checkpoint("more data could not be read")
             raise TrainingError(f"{str(err).rstrip('.')}. Step {s['step']} is checkpointed: once that is fixed, "
                                 f"continue with `iterative-llm train --out {shell_word(self.out)} --resume`.") from err
-
-    @property
-    def tokenising_beside(self) -> bool:
-        """The plan's choice (the main process then has the thread)."""
-        return self.plan.tokenise_beside is not None and bool(self.plan.tokenise_beside.value)
 
     def _take_up_new_shards(self) -> None:
         """The shards the tokenising thread has committed since the last call, on every process."""
@@ -502,9 +501,8 @@ def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = 
     )
     say(f"model: {config.model_preset} preset, {raw_model.num_parameters():,} parameters, precision {precision}, "
         f"optimizers {' + '.join(type(o).__name__ for o in optimizers)}")
-    tokens_per_micro_step = config.batch_size * config.seq_len * world_size
-    accumulation = max(1, round(config.batch_tokens / tokens_per_micro_step))
-    tokens_per_step = accumulation * tokens_per_micro_step
+    accumulation = micro_steps(config.batch_tokens, config.batch_size, config.seq_len, world_size)
+    tokens_per_step = accumulation * config.batch_size * config.seq_len * world_size
     if tokens_per_step != config.batch_tokens:
         say(f"note: batch_tokens {config.batch_tokens} rounded to {tokens_per_step} "
             f"({accumulation} micro-steps of {config.batch_size} x {config.seq_len} tokens x {world_size} processes)")
@@ -607,7 +605,7 @@ def _planned_data(config: TrainConfig, accelerator, out: Path, say, machine: Dev
 def _tokeniser_beside(config: TrainConfig, plan: Plan, tokenizer, data_dir: Path, out: Path) -> TokeniserBeside | None:
     """The thread that tokenises the rest of the data while training runs, when the plan says so:
     the same preparation as before the first step, under the data folder's lock, without bars."""
-    if plan.tokenise_beside is None or not plan.tokenise_beside.value:
+    if not plan.tokenises_beside:
         return None
 
     def prepare(*, max_tokens: int, shard_tokens: int, stop, on_commit) -> None:
@@ -711,7 +709,7 @@ def train_loop(run: Run) -> str | None:
     # Ctrl-C, SIGTERM (and on Windows Ctrl-Break and closing the window) ask the loop to checkpoint
     # and stop at the end of the current step (training/stop_request.py).
     with StopRequest() as stop_request:
-        bar = _progress_bar(config, run.main_process, state["step"], run.accumulation, run.world_size)
+        bar = _steps_bar(config, run.main_process, state["step"], run.accumulation, run.world_size)
         log = _TrainingLog(run, bar)
         clip = (lambda parameters, max_norm: accelerator.clip_grad_norm_(parameters, max_norm))
         try:
@@ -902,18 +900,14 @@ def _write_run_files(out: Path, config, model_config, tokenizer, resumed: bool, 
         metrics.unlink()
 
 
-def _progress_bar(config: TrainConfig, main_process: bool, initial: int, accumulation: int, world_size: int):
+def _steps_bar(config: TrainConfig, main_process: bool, initial: int, accumulation: int, world_size: int):
     """A bar over the steps the run will take. It starts after compilation, so its rate and ETA are
     the training's own; under a token or time budget its total is re-estimated at each log line."""
-    if not (config.progress and main_process):
-        return None
-    from tqdm.auto import tqdm
-
     totals = [config.max_steps] if config.max_steps else []
     if config.max_tokens:
         totals.append(math.ceil(config.max_tokens / (accumulation * config.batch_size * config.seq_len * world_size)))
     total = min(totals) if totals else None  # a time budget alone: known after the first steps
-    return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
+    return progress_bar(config.progress and main_process, "training", unit="step", initial=initial, total=total)
 
 
 def _set_bar_total(bar, step: int, fraction: float) -> None:

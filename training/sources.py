@@ -240,14 +240,20 @@ def _is_utf8(path: Path, gzipped: bool) -> bool:
     return True
 
 
-def _jsonl_documents(lines: Iterable[str], path: Path, text_column: str) -> Iterator[str]:
+def jsonl_records(lines: Iterable[str], path: Path, error: type[ValueError] = ValueError) -> Iterator[tuple[int, Any]]:
+    """(line number, record) for each non-blank line of a JSON Lines file; `error` (a ValueError)
+    naming the file and line where one is not JSON. Every JSONL reader of the package reads this way."""
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not a JSON record ({err}); .jsonl needs one per line") from err
+            raise error(f"{path} line {number}: not JSON ({err.msg}). Give one JSON object per line.") from None
+
+
+def _jsonl_documents(lines: Iterable[str], path: Path, text_column: str) -> Iterator[str]:
+    for number, record in jsonl_records(lines, path):
         yield _record_text(record, text_column, f"{path}:{number}")
 
 

@@ -40,6 +40,12 @@ def to_model_inputs(batch: dict, device: torch.device) -> dict:
     return inputs
 
 
+def micro_steps(batch_tokens: int, micro_batch: int, seq_len: int, world_size: int) -> int:
+    """Micro-steps per optimizer step on each process: the batch in tokens over what one micro-step of
+    all processes reads, rounded (at least one). Gradients are accumulated over them."""
+    return max(1, round(batch_tokens / (micro_batch * seq_len * world_size)))
+
+
 def train_step(model, optimizers, micro_batches, *, accumulation: int, grad_clip: float, loss_kwargs: dict,
                clip=None, no_sync=None, autocast=None, scaler=None) -> torch.Tensor:
     """One optimizer step over `accumulation` micro-batches (model inputs on the device); returns the
