@@ -238,13 +238,13 @@ def test_auto_picks_the_largest_size_that_gets_the_tokens_it_wants():
         probed.append(depth)
         return 64_000 / 2 ** depth
 
-    chosen, rows = ladder.choose_depth(rate, lambda r: 100.0, tokens_per_parameter=4.0)
+    chosen, rows = ladder.choose_depth(lambda depth: (rate(depth), None), lambda r: 100.0, tokens_per_parameter=4.0)
     wanted = [c.tokens >= 4.0 * c.parameters for c in rows]
     assert wanted[:-1] == [True] * (len(rows) - 1) and wanted[-1] is False
     assert chosen.depth == rows[-2].depth and probed == [c.depth for c in rows]  # no size past the stop probed
-    more_time, _ = ladder.choose_depth(rate, lambda r: 10_000.0, tokens_per_parameter=4.0)
+    more_time, _ = ladder.choose_depth(lambda depth: (rate(depth), None), lambda r: 10_000.0, tokens_per_parameter=4.0)
     assert more_time.depth > chosen.depth
-    smallest, rows = ladder.choose_depth(rate, lambda r: 0.01, tokens_per_parameter=4.0)
+    smallest, rows = ladder.choose_depth(lambda depth: (rate(depth), None), lambda r: 0.01, tokens_per_parameter=4.0)
     assert smallest.depth == 1 and len(rows) == 1
 
 
@@ -259,12 +259,13 @@ def test_a_size_its_flops_put_far_below_the_rule_is_not_probed():
 
     flops = lambda depth: 2.0 ** depth  # noqa: E731  (FLOPs say what the probe says: half as fast a size)
     # Depth 3 gets 1.4 tokens per parameter in 200 s, under half of 4: not probed; depth 2 (5.1) is chosen.
-    chosen, rows = ladder.choose_depth(rate, lambda r: 200.0, tokens_per_parameter=4.0, flops=flops)
-    unprobed, _ = ladder.choose_depth(rate, lambda r: 200.0, tokens_per_parameter=4.0)
+    probe = lambda depth: (rate(depth), None)  # noqa: E731  (the speed, and nothing else decided)
+    chosen, rows = ladder.choose_depth(probe, lambda r: 200.0, tokens_per_parameter=4.0, flops=flops)
+    unprobed, _ = ladder.choose_depth(probe, lambda r: 200.0, tokens_per_parameter=4.0)
     assert chosen.depth == unprobed.depth == 2 and [c.depth for c in rows] == [1, 2] and probed == [1, 2, 1, 2, 3]
     # With a looser rule the next size is near it (between half and all of it): probed, as before.
     probed.clear()
-    chosen, rows = ladder.choose_depth(rate, lambda r: 200.0, tokens_per_parameter=2.0, flops=flops)
+    chosen, rows = ladder.choose_depth(probe, lambda r: 200.0, tokens_per_parameter=2.0, flops=flops)
     assert probed[-1] == chosen.depth + 1
 
 

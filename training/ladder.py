@@ -3,7 +3,8 @@
     ladder_config(depth)       one dial: depth d gives d layers of width 32 d (d heads of 32), as
                                nanochat's depth sets its whole model; learning rates follow the width
     choose_depth(probe, ...)   the largest depth whose tokens in the training time reach the tokens
-                               that size wants: TOKENS_PER_PARAMETER x its parameters
+                               that size wants: TOKENS_PER_PARAMETER x its parameters; the chosen
+                               size comes back with what its probe decided
 
 Why a rule in tokens per parameter: at a fixed compute budget a model that is too large sees too
 few tokens to learn what its size could hold, one too small stops improving early (Hoffmann et al.
@@ -16,8 +17,8 @@ depth under the same budget; its results and command are in benchmarks/results/l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -82,18 +83,27 @@ class Candidate:
     parameters: int
     tokens_per_second: float
     tokens: float  # what it would train in the time the plan gives training
+    # What the probe decided for this size besides its speed (the plan's: the micro-batch that ran on
+    # the device, ...), handed back with the choice; not part of the record.
+    fitted: Any = field(default=None, compare=False, repr=False)
 
     @property
     def tokens_per_parameter(self) -> float:
         return self.tokens / self.parameters
 
+    def record(self) -> dict:
+        """The figures summary.json keeps of this size."""
+        return {"depth": self.depth, "parameters": self.parameters, "tokens_per_second": self.tokens_per_second,
+                "tokens": self.tokens}
 
-def choose_depth(tokens_per_second: Callable[[int], float], training_seconds: Callable[[float], float], *,
+
+def choose_depth(probe: Callable[[int], tuple[float, Any]], training_seconds: Callable[[float], float], *,
                  model_fields: Callable[[int], dict] = ladder_config, depths=DEPTHS,
                  tokens_per_parameter: float = TOKENS_PER_PARAMETER,
                  flops: Callable[[int], float] | None = None) -> tuple[Candidate, list[Candidate]]:
     """(the chosen size, every size probed): climbs the ladder from the smallest depth, probing each
-    (`tokens_per_second(depth)`), and stops at the first size that would see fewer than
+    (`probe(depth)`: its training tokens per second, and whatever else the probe decided, which the
+    candidate carries as `fitted`), and stops at the first size that would see fewer than
     `tokens_per_parameter` tokens per parameter in `training_seconds(tokens_per_second)` (the time the
     plan leaves for training at that speed). The choice is the last size that reached the rule,
     or the smallest when none did. Larger sizes are slower and larger, so none past the stop could
@@ -107,8 +117,8 @@ def choose_depth(tokens_per_second: Callable[[int], float], training_seconds: Ca
             estimate = last.tokens_per_second * flops(last.depth) / flops(depth)
             if estimate * training_seconds(estimate) < SKIP_BELOW_SHARE * tokens_per_parameter * size:
                 break
-        rate = tokens_per_second(depth)
-        candidate = Candidate(depth, size, rate, rate * training_seconds(rate))
+        rate, fitted = probe(depth)
+        candidate = Candidate(depth, size, rate, rate * training_seconds(rate), fitted)
         probed.append(candidate)
         if candidate.tokens_per_parameter < tokens_per_parameter:
             break

@@ -459,15 +459,13 @@ def fit_run(config, *, device: Device, torch_device: torch.device, budget, world
     if auto_size:
         seq_len, vocab = config.seq_len, config.model.get("vocab_size") or IterativeLLMConfig.from_preset(ladder.BASE_PRESET).vocab_size
         say("--preset auto: probing the speed of ladder sizes on this machine ...")
-        decided = {}
 
-        def rate_of(depth: int) -> float:
+        def probe_depth(depth: int) -> tuple[float, tuple[Decision, Decision, int]]:
             sized = {**ladder.ladder_config(depth, vocab_size=vocab, seq_len=seq_len), **config.model}
             batch, checkpointing, params = fitted(sized)
             r, batch = probe(sized, ladder.learning_rates(depth), batch, checkpointing)
-            decided[depth] = (batch, checkpointing, params)
             say(f"  depth {depth}: {ladder.WIDTH_PER_DEPTH * depth} wide, {params:,} parameters, {r:,.0f} tokens/s")
-            return r
+            return r, (batch, checkpointing, params)
 
         def seconds_at(depth_rate: float) -> float:
             return training_seconds(depth_rate, 0)
@@ -478,11 +476,11 @@ def fit_run(config, *, device: Device, torch_device: torch.device, budget, world
             return ladder.ladder_config(depth, vocab_size=vocab, seq_len=seq_len)
 
         chosen, ladder_rows = ladder.choose_depth(
-            rate_of, seconds_at, model_fields=ladder_fields,
+            probe_depth, seconds_at, model_fields=ladder_fields,
             flops=lambda depth: flops_per_token(model_of({**ladder_fields(depth), **config.model}), seq_len))
         fields = {**ladder.ladder_config(chosen.depth, vocab_size=vocab, seq_len=seq_len), **config.model}
         lrs = ladder.learning_rates(chosen.depth)
-        batch, checkpointing, params = decided[chosen.depth]
+        batch, checkpointing, params = chosen.fitted
         rate = chosen.tokens_per_second
         model = (f"auto: depth {chosen.depth} ({chosen.depth} x {ladder.WIDTH_PER_DEPTH * chosen.depth}, "
                  f"{params:,} parameters): {chosen.tokens_per_parameter:.1f} tokens per parameter in the time, "

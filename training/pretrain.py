@@ -844,7 +844,7 @@ def finish(run: Run) -> dict:
                  "micro_batch_why": run.plan.micro_batch.reason, "model": run.plan.model, "depth": run.plan.depth,
                  "tokens_per_second_probed": run.plan.tokens_per_second,
                  "tokenise_beside_training": None if run.plan.tokenise_beside is None else run.plan.tokenise_beside.value,
-                 "ladder": [vars(c) for c in run.plan.ladder] if run.plan.ladder else None},
+                 "ladder": [c.record() for c in run.plan.ladder] if run.plan.ladder else None},
     }
     if run.main_process:
         with budget.phase("export"):
