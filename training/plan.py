@@ -381,37 +381,65 @@ def fit_run(config, *, device: Device, torch_device: torch.device, budget, world
     a time budget the training time and the tokens to prepare (beyond the `trained_before` tokens
     a resumed run read already). `config` values other than "auto" are the user's (or the
     preset's) and are kept as they are."""
-    import dataclasses
-
-    from iterative_llm import IterativeLLMConfig
-
-    from . import ladder
-    from .budget import format_seconds
-    from .config import source_share_trained, token_caps
-    from .step import micro_steps
-
-    precision = choose_precision(device, config.precision)
     timed = budget.seconds is not None
-    # The thread's share is planned from the budget's speed probe: without one, all is tokenised first.
-    beside = (choose_tokenise_beside(device, config.tokenise_beside_training) if timed
-              else Decision(False, "no --time_budget: the run tokenises all it reads before the first step"))
-    auto_size = config.model_preset == "auto"
-    if auto_size and not timed:
+    if config.model_preset == "auto" and not timed:
         raise ValueError("--preset auto chooses the model size for the time the run has: give it a --time_budget "
                          "(2h, 90m, ...).")
-    step_tokens = config.batch_tokens
+    fitting = _Fitting(config, device, torch_device, budget, world_size, encode_rate)
+    size = fitting.auto_size(say) if config.model_preset == "auto" else fitting.fixed_size(timed)
+    plan = fitting.plan(size)
+    if timed:
+        _size_the_data(plan, fitting, size, trained_before, say)
+    return plan
 
-    def model_of(fields: dict):
-        return IterativeLLMConfig.from_preset(ladder.BASE_PRESET if auto_size else config.model_preset, **fields)
 
-    def fitted(fields: dict) -> tuple[Decision, Decision, int]:
-        model_config = model_of(fields)
-        params = ladder.parameters(fields) if auto_size else ladder.parameters_of(model_config)
+@dataclass
+class _Size:
+    """The model size a plan fits: its fields and learning rates over the preset's, and what was decided for it."""
+
+    preset: str
+    fields: dict
+    lrs: dict
+    batch: Decision
+    checkpointing: Decision
+    parameters: int
+    tokens_per_second: float | None
+    model: str  # how the plan names it
+    depth: int | None = None
+    ladder: list | None = None
+
+
+class _Fitting:
+    """What fitting a run to the machine needs at hand: the settings, the device, the budget and the
+    precision and the tokenise-beside choice made first; each step of `fit_run` is a method."""
+
+    def __init__(self, config, device: Device, torch_device, budget, world_size: int, encode_rate: float | None):
+        self.config, self.device, self.torch_device, self.budget = config, device, torch_device, budget
+        self.world_size, self.encode_rate = world_size, encode_rate
+        self.precision = choose_precision(device, config.precision)
+        # The thread's share is planned from the budget's speed probe: without one, all is tokenised first.
+        self.beside = (choose_tokenise_beside(device, config.tokenise_beside_training) if budget.seconds is not None
+                       else Decision(False, "no --time_budget: the run tokenises all it reads before the first step"))
+
+    def model_of(self, fields: dict):
+        from iterative_llm import IterativeLLMConfig
+
+        from . import ladder
+
+        preset = ladder.BASE_PRESET if self.config.model_preset == "auto" else self.config.model_preset
+        return IterativeLLMConfig.from_preset(preset, **fields)
+
+    def fitted(self, fields: dict) -> tuple[Decision, Decision, int]:
+        """(micro-batch, activation checkpointing, parameters) of a model of these fields."""
+        from . import ladder
+
+        config = self.config
+        model_config = self.model_of(fields)
+        params = ladder.parameters(fields) if config.model_preset == "auto" else ladder.parameters_of(model_config)
         if config.batch_size == "auto":
-            preset = CPU_MICRO_BATCH
-            batch, checkpointing = estimate_micro_batch(device, model_config, params, seq_len=config.seq_len,
-                                                        batch_tokens=step_tokens, precision=precision.value,
-                                                        preset_batch=preset)
+            batch, checkpointing = estimate_micro_batch(self.device, model_config, params, seq_len=config.seq_len,
+                                                        batch_tokens=config.batch_tokens,
+                                                        precision=self.precision.value, preset_batch=CPU_MICRO_BATCH)
         else:
             batch = Decision(config.batch_size, "as set: --batch_size or the preset's")
             checkpointing = Decision(False, "not needed")
@@ -419,21 +447,23 @@ def fit_run(config, *, device: Device, torch_device: torch.device, budget, world
             checkpointing = Decision(bool(config.activation_checkpointing), "as asked (--activation_checkpointing)")
         return batch, checkpointing, params
 
-    def probe(fields: dict, lrs: dict, batch: Decision, checkpointing: Decision) -> tuple[float, Decision]:
+    def probe(self, fields: dict, lrs: dict, batch: Decision, checkpointing: Decision) -> tuple[float, Decision]:
         """Tokens/s of this size, all processes together; on an accelerator the micro-batch that ran."""
-        rates = {}
+        from .step import micro_steps
+
+        config, rates = self.config, {}
 
         def try_step(micro_batch: int) -> None:
-            accumulation = micro_steps(step_tokens, micro_batch, config.seq_len, world_size)
+            accumulation = micro_steps(config.batch_tokens, micro_batch, config.seq_len, self.world_size)
             settings = dict(optimizer=config.optimizer, lr_matrix=lrs.get("lr_matrix", config.lr_matrix),
                             lr_embed=lrs.get("lr_embed", config.lr_embed), lr_head=lrs.get("lr_head", config.lr_head),
                             lr_scalar=config.lr_scalar, adamw_lr=config.adamw_lr, weight_decay=config.weight_decay)
-            rates[micro_batch] = world_size * probe_tokens_per_second(
-                model_of(fields), device=torch_device, precision=precision.value, micro_batch=micro_batch,
-                seq_len=config.seq_len, accumulation=min(accumulation, 2), optimizer_settings=settings,
-                steps=3, activation_checkpointing=checkpointing.value)
+            rates[micro_batch] = self.world_size * probe_tokens_per_second(
+                self.model_of(fields), device=self.torch_device, precision=self.precision.value,
+                micro_batch=micro_batch, seq_len=config.seq_len, accumulation=min(accumulation, 2),
+                optimizer_settings=settings, steps=3, activation_checkpointing=checkpointing.value)
 
-        if device.kind == "cpu" or config.batch_size != "auto":
+        if self.device.kind == "cpu" or config.batch_size != "auto":
             try_step(batch.value)
             return rates[batch.value], batch
         ran = largest_micro_batch_that_runs(try_step, batch.value)
@@ -441,77 +471,95 @@ def fit_run(config, *, device: Device, torch_device: torch.device, budget, world
             batch = Decision(ran, f"{batch.value} ran out of memory on the device; halved until it ran")
         return rates[ran], batch
 
-    def training_seconds(rate: float, params: int) -> float:
+    def training_seconds(self, rate: float, params: int) -> float:
         """The training time T left once the data is tokenised and the end is kept for: tokenising
         the DATA_MARGIN * rate * T tokens that T trains on takes that over the encoding rate, so
         T = (left - reserve) / (1 + DATA_MARGIN * rate / encode_rate). Tokenised beside training,
         only the first BESIDE_FIRST_SECONDS' worth is tokenised first: T = left - reserve - that's time."""
-        left = budget.left()
-        reserve = sum(end_reserve(config, params, rate, left).values())
-        if beside.value and encode_rate:
+        encode_rate = self.encode_rate
+        left = self.budget.left()
+        reserve = sum(end_reserve(self.config, params, rate, left).values())
+        if self.beside.value and encode_rate:
             first = DATA_MARGIN * rate * BESIDE_FIRST_SECONDS
             seconds = max(0.0, left - reserve - first / encode_rate)
             if DATA_MARGIN * rate * seconds > first:  # else the run is short enough to tokenise all first
                 return seconds
         return max(0.0, left - reserve) / (1 + (DATA_MARGIN * rate / encode_rate if encode_rate else 0.0))
 
-    fields, lrs, ladder_rows, rate = dict(config.model), {}, None, None
-    if auto_size:
-        seq_len, vocab = config.seq_len, config.model.get("vocab_size") or IterativeLLMConfig.from_preset(ladder.BASE_PRESET).vocab_size
-        say("--preset auto: probing the speed of ladder sizes on this machine ...")
+    def fixed_size(self, timed: bool) -> _Size:
+        """The preset's size (or the user's `model:` fields); probed when the budget or the micro-batch asks."""
+        config = self.config
+        fields = dict(config.model)
+        batch, checkpointing, params = self.fitted(fields)
+        rate = None
+        if timed or (config.batch_size == "auto" and self.device.kind != "cpu"):
+            rate, batch = self.probe(fields, {}, batch, checkpointing)
+        return _Size(config.model_preset, fields, {}, batch, checkpointing, params, rate,
+                     model=f"{config.model_preset} preset, {params:,} parameters")
 
-        def probe_depth(depth: int) -> tuple[float, tuple[Decision, Decision, int]]:
-            sized = {**ladder.ladder_config(depth, vocab_size=vocab, seq_len=seq_len), **config.model}
-            batch, checkpointing, params = fitted(sized)
-            r, batch = probe(sized, ladder.learning_rates(depth), batch, checkpointing)
-            say(f"  depth {depth}: {ladder.WIDTH_PER_DEPTH * depth} wide, {params:,} parameters, {r:,.0f} tokens/s")
-            return r, (batch, checkpointing, params)
+    def auto_size(self, say) -> _Size:
+        """--preset auto: the ladder's climb (training/ladder.py), each size probed on this machine."""
+        from iterative_llm import IterativeLLMConfig
 
-        def seconds_at(depth_rate: float) -> float:
-            return training_seconds(depth_rate, 0)
-
+        from . import ladder
         from .evaluate import flops_per_token
+
+        config, seq_len = self.config, self.config.seq_len
+        vocab = config.model.get("vocab_size") or IterativeLLMConfig.from_preset(ladder.BASE_PRESET).vocab_size
+        say("--preset auto: probing the speed of ladder sizes on this machine ...")
 
         def ladder_fields(depth: int) -> dict:
             return ladder.ladder_config(depth, vocab_size=vocab, seq_len=seq_len)
 
-        chosen, ladder_rows = ladder.choose_depth(
-            probe_depth, seconds_at, model_fields=ladder_fields,
-            flops=lambda depth: flops_per_token(model_of({**ladder_fields(depth), **config.model}), seq_len))
-        fields = {**ladder.ladder_config(chosen.depth, vocab_size=vocab, seq_len=seq_len), **config.model}
-        lrs = ladder.learning_rates(chosen.depth)
+        def probe_depth(depth: int) -> tuple[float, tuple[Decision, Decision, int]]:
+            sized = {**ladder_fields(depth), **config.model}
+            batch, checkpointing, params = self.fitted(sized)
+            r, batch = self.probe(sized, ladder.learning_rates(depth), batch, checkpointing)
+            say(f"  depth {depth}: {ladder.WIDTH_PER_DEPTH * depth} wide, {params:,} parameters, {r:,.0f} tokens/s")
+            return r, (batch, checkpointing, params)
+
+        chosen, rows = ladder.choose_depth(
+            probe_depth, lambda rate: self.training_seconds(rate, 0), model_fields=ladder_fields,
+            flops=lambda depth: flops_per_token(self.model_of({**ladder_fields(depth), **config.model}), seq_len))
         batch, checkpointing, params = chosen.fitted
-        rate = chosen.tokens_per_second
         model = (f"auto: depth {chosen.depth} ({chosen.depth} x {ladder.WIDTH_PER_DEPTH * chosen.depth}, "
                  f"{params:,} parameters): {chosen.tokens_per_parameter:.1f} tokens per parameter in the time, "
-                 f"the largest of {len(ladder_rows)} probed that reaches {ladder.TOKENS_PER_PARAMETER:g}")
-        preset_name = ladder.BASE_PRESET
-    else:
-        batch, checkpointing, params = fitted(fields)
-        if timed or (config.batch_size == "auto" and device.kind != "cpu"):
-            rate, batch = probe(fields, {}, batch, checkpointing)
-        model = f"{config.model_preset} preset, {params:,} parameters"
-        preset_name = config.model_preset
+                 f"the largest of {len(rows)} probed that reaches {ladder.TOKENS_PER_PARAMETER:g}")
+        return _Size(ladder.BASE_PRESET, {**ladder_fields(chosen.depth), **config.model},
+                     ladder.learning_rates(chosen.depth), batch, checkpointing, params, chosen.tokens_per_second,
+                     model=model, depth=chosen.depth, ladder=rows)
 
-    resolved = dataclasses.replace(
-        config, model_preset=preset_name, model=fields, **lrs, precision=precision.value,
-        batch_size=batch.value, activation_checkpointing=checkpointing.value)
-    plan = Plan(resolved, precision, batch, checkpointing, tokens_per_second=rate, ladder=ladder_rows, model=model,
-                depth=chosen.depth if auto_size else None, tokenise_beside=beside)
-    if timed:
-        plan.training_seconds = training_seconds(rate, params)
-        budget.end_parts = plan.end_parts = end_reserve(resolved, params, rate, plan.training_seconds)
-        budget.eval_tokens = resolved.eval_tokens
-        tokens = trained_before + DATA_MARGIN * rate * plan.training_seconds
-        limits = [tokens] + token_caps(resolved, step_tokens)
-        share_kept = source_share_trained(resolved)
-        plan.tokens_planned = max(step_tokens, int(min(limits) / share_kept))
-        if beside.value:
-            first = trained_before + DATA_MARGIN * rate * BESIDE_FIRST_SECONDS
-            plan.tokens_to_prepare = max(step_tokens, int(min([first] + limits) / share_kept))
-        else:
-            plan.tokens_to_prepare = max(step_tokens, int(min(limits) * FIRST_SHARE.get(device.kind, 1.0) / share_kept))
-        if plan.training_seconds < 0.2 * budget.seconds:
-            say(f"warning: the budget leaves {format_seconds(plan.training_seconds)} of training after "
-                f"preparing the data and keeping time for the end; a longer --time_budget trains a better model")
-    return plan
+    def plan(self, size: _Size) -> Plan:
+        """The plan of this size, its settings resolved (nothing left on "auto")."""
+        import dataclasses
+
+        resolved = dataclasses.replace(
+            self.config, model_preset=size.preset, model=size.fields, **size.lrs, precision=self.precision.value,
+            batch_size=size.batch.value, activation_checkpointing=size.checkpointing.value)
+        return Plan(resolved, self.precision, size.batch, size.checkpointing, tokens_per_second=size.tokens_per_second,
+                    ladder=size.ladder, model=size.model, depth=size.depth, tokenise_beside=self.beside)
+
+
+def _size_the_data(plan: Plan, fitting: _Fitting, size: _Size, trained_before: int, say) -> None:
+    """Under a time budget: the training time, the end's reserve, and the tokens to tokenise before the
+    first step and in all (beyond the `trained_before` tokens a resumed run read already)."""
+    from .budget import format_seconds
+    from .config import source_share_trained, token_caps
+
+    resolved, budget, rate, step_tokens = plan.config, fitting.budget, size.tokens_per_second, plan.config.batch_tokens
+    plan.training_seconds = fitting.training_seconds(rate, size.parameters)
+    budget.end_parts = plan.end_parts = end_reserve(resolved, size.parameters, rate, plan.training_seconds)
+    budget.eval_tokens = resolved.eval_tokens
+    tokens = trained_before + DATA_MARGIN * rate * plan.training_seconds
+    limits = [tokens] + token_caps(resolved, step_tokens)
+    share_kept = source_share_trained(resolved)
+    plan.tokens_planned = max(step_tokens, int(min(limits) / share_kept))
+    if fitting.beside.value:
+        first = trained_before + DATA_MARGIN * rate * BESIDE_FIRST_SECONDS
+        plan.tokens_to_prepare = max(step_tokens, int(min([first] + limits) / share_kept))
+    else:
+        first_share = FIRST_SHARE.get(fitting.device.kind, 1.0)
+        plan.tokens_to_prepare = max(step_tokens, int(min(limits) * first_share / share_kept))
+    if plan.training_seconds < 0.2 * budget.seconds:
+        say(f"warning: the budget leaves {format_seconds(plan.training_seconds)} of training after "
+            f"preparing the data and keeping time for the end; a longer --time_budget trains a better model")

@@ -156,20 +156,7 @@ def prepare_shards(
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
     out = Path(out_dir)
-    boundary = boundary_token_id(tokenizer)
-    vocab_size = len(tokenizer)
-    dtype = _storage_dtype(vocab_size)
-    settings = {
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "vocab_size": vocab_size,
-        "boundary_token_id": boundary,
-        "dtype": dtype.name,
-        "source": describe_source(source, text_column, doc_separator),
-        "val_source": None if val_source is None else describe_source(val_source, text_column, doc_separator),
-        "split_rule": "val_source" if val_source is not None else "blake2b-64(utf8(text)) < val_fraction",
-        "val_fraction": None if val_source is not None else val_fraction,
-        "max_documents": max_documents,
-    }
+    settings = _shard_settings(tokenizer, source, val_source, text_column, doc_separator, val_fraction, max_documents)
     # One stream per source: (manifest key, source, the split it goes to, or None to split by hash).
     streams = [("source", source, "train" if val_source is not None else None)]
     if val_source is not None:
@@ -177,118 +164,20 @@ def prepare_shards(
 
     manifest = read_manifest(out) if (out / MANIFEST).exists() else None
     if manifest is not None:
-        _check_same_settings(out, manifest, settings)
-        _check_same_decoding(out, manifest, on_decode_error)
-        if manifest["complete"] and _extend_to(manifest, max_tokens):
-            _say(progress, f"extending the shards in {out} (read up to {max_tokens or 'all'} tokens of the source)")
-        if manifest["complete"]:
-            dataset = ShardedDataset(out, manifest)
-            _say(progress, f"reusing the finished shards in {out} ({dataset.summary()}); nothing to tokenise")
-            _say_not_utf8(out, manifest)
-            if on_commit is not None:
-                on_commit(manifest)  # all there is, as committed
-            return dataset
-        done = {s: len(manifest["splits"][s]["shards"]) for s in SPLITS}
-        _say(progress, f"resuming the unfinished shards in {out} (train: {done['train']}, val: {done['val']} shards done)")
+        finished = _reused_or_resumed(out, manifest, settings, on_decode_error, max_tokens, progress, on_commit)
+        if finished is not None:
+            return finished
     else:
-        manifest = {
-            "format": "iterative-llm token shards",
-            "format_version": FORMAT_VERSION,
-            "complete": False,
-            "dtype": dtype.name,
-            "byte_order": "little",
-            "vocab_size": vocab_size,
-            "boundary_token_id": boundary,
-            "tokenizer_fingerprint": settings["tokenizer_fingerprint"],
-            "settings": settings,
-            "on_decode_error": on_decode_error,  # compared apart from settings: see _check_same_decoding
-            "paths": {"source": source, "val_source": val_source},  # for people; not compared
-            "shard_tokens": shard_tokens,
-            "versions": package_versions(("numpy", "tokenizers"), git=False),
-            "progress": {key: {"documents_read": 0, "tokens": 0, "done": False} for key, _, _ in streams},
-            "splits": {s: {"num_tokens": 0, "num_documents": 0, "num_bytes": 0, "shards": []} for s in SPLITS},
-        }
+        manifest = _new_manifest(settings, on_decode_error, source, val_source, shard_tokens, streams)
     manifest["shard_tokens"] = shard_tokens  # may differ on a resume; a shard's size is its own
     out.mkdir(parents=True, exist_ok=True)
     _remove_unlisted_files(out, manifest)
 
-    writers = {s: _ShardWriter(out, s, dtype, manifest["splits"][s]) for s in SPLITS}
-
-    def checkpoint() -> None:
-        # Close every open shard, then record how far each source has been read: the manifest on
-        # disk always describes a state in which each stream's first documents_read are all stored.
-        for writer in writers.values():
-            writer.commit()
-        _write_json(out / MANIFEST, manifest)
-        if on_commit is not None:
-            on_commit(manifest)
-
-    encoder = plain_text_encoder(tokenizer)
-    started = time.perf_counter()
-    new_tokens = 0
-
-    def tokenise() -> None:
-        nonlocal new_tokens
-        tails = manifest.get("held_out_tails", False)
-        try:
-            for key, stream_source, forced_split in streams:
-                state = manifest["progress"][key]
-                cap = max_tokens if key == "source" else None
-                if cap is not None and state["tokens"] >= cap:
-                    state.update(done=True, capped=True)
-                if state["done"]:
-                    continue
-                not_utf8: list[dict] = []
-                documents = iter_documents(stream_source, text_column=text_column, doc_separator=doc_separator,
-                                           max_documents=max_documents, on_decode_error=on_decode_error,
-                                           not_utf8=not_utf8)
-                # Resuming: the first documents_read are already in committed shards.
-                documents = itertools.islice(documents, state["documents_read"], None)
-                pieces = _pieces(documents, forced_split, val_fraction, tails)
-                bar = progress_bar(progress, f"tokenising {stream_source}", unit="tok", initial=state["tokens"],
-                                   unit_scale=True)
-                # Under a cap, a batch holds about the text still wanted (4 characters a token), so that
-                # a stream (a hub dataset) is not read far past it.
-                wanted = None if cap is None else (lambda: 4 * (cap - state["tokens"]))
-                for batch in _batched_texts(pieces, wanted):
-                    encoded = _encode_batch(encoder, [text for text, _, _ in batch])
-                    for (text, split, document_ends), ids in zip(batch, encoded):
-                        document = np.empty(len(ids) + 1, dtype=np.int64)
-                        document[0] = boundary
-                        document[1:] = ids
-                        writers[split].add(document, len(text.encode("utf-8")), vocab_size)
-                        state["tokens"] += len(document)
-                        new_tokens += len(document)
-                        if not document_ends:
-                            continue  # the held-out tail of this document follows
-                        state["documents_read"] += 1
-                        if (cap is not None and state["tokens"] >= cap) or (
-                                key == "source" and stop is not None and stop.is_set()):
-                            state["capped"] = True  # more is there: a later call may extend from here
-                            break
-                        if writers[split].open_tokens >= shard_tokens:
-                            checkpoint()
-                    if bar is not None:
-                        bar.update(state["tokens"] - bar.n)
-                        bar.set_postfix(docs=state["documents_read"], refresh=False)
-                    if state.get("capped"):  # at a document's end, never between its two parts
-                        break
-                if bar is not None:
-                    bar.close()
-                state["done"] = True
-                # The stream is read from its start on a resume too, so `not_utf8` holds every such file
-                # before the point reached; a --max_tokens cut counts only those before its last document.
-                cut = state.get("capped", False) or (max_tokens is not None and state["tokens"] >= max_tokens)
-                passed = [e for e in not_utf8 if not cut or e["after_documents"] < state["documents_read"]]
-                if passed:
-                    state["not_utf8"] = {"files": len(passed), "bytes": sum(e["bytes"] for e in passed),
-                                         "first_files": [e["file"] for e in passed[:5]]}
-                checkpoint()
-        finally:
-            for writer in writers.values():
-                writer.discard()  # an interrupted shard is dropped; the last checkpoint stands
-
-    tokenise()
+    writing = _Tokenising(out, manifest, tokenizer, streams, text_column=text_column, doc_separator=doc_separator,
+                          val_fraction=val_fraction, shard_tokens=shard_tokens, max_documents=max_documents,
+                          max_tokens=max_tokens, on_decode_error=on_decode_error, progress=progress, stop=stop,
+                          on_commit=on_commit)
+    writing.run()
     documents = manifest["progress"]["source"]["documents_read"]
     val_tokens, all_tokens = (manifest["splits"]["val"]["num_tokens"],
                               sum(manifest["splits"][s]["num_tokens"] for s in SPLITS))
@@ -304,9 +193,70 @@ def prepare_shards(
         manifest["held_out_tails"] = note
         manifest["progress"] = {key: {"documents_read": 0, "tokens": 0, "done": False} for key, _, _ in streams}
         manifest["splits"] = {s: {"num_tokens": 0, "num_documents": 0, "num_bytes": 0, "shards": []} for s in SPLITS}
-        writers = {s: _ShardWriter(out, s, dtype, manifest["splits"][s]) for s in SPLITS}
-        tokenise()
+        writing.start_again()
+        writing.run()
+    return _finished(out, manifest, source, val_fraction, progress, on_commit, writing)
 
+
+def _shard_settings(tokenizer, source, val_source, text_column, doc_separator, val_fraction, max_documents) -> dict:
+    """What a shard folder was made with, compared on every later call (a folder made otherwise is refused)."""
+    return {
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "vocab_size": len(tokenizer),
+        "boundary_token_id": boundary_token_id(tokenizer),
+        "dtype": _storage_dtype(len(tokenizer)).name,
+        "source": describe_source(source, text_column, doc_separator),
+        "val_source": None if val_source is None else describe_source(val_source, text_column, doc_separator),
+        "split_rule": "val_source" if val_source is not None else "blake2b-64(utf8(text)) < val_fraction",
+        "val_fraction": None if val_source is not None else val_fraction,
+        "max_documents": max_documents,
+    }
+
+
+def _reused_or_resumed(out: Path, manifest: dict, settings: dict, on_decode_error: str, max_tokens, progress: bool,
+                       on_commit) -> "ShardedDataset | None":
+    """A folder already there: the finished shards when they hold what is asked (reused as they are),
+    else None, and the tokenising goes on from where it stopped (a resume, or an extension)."""
+    _check_same_settings(out, manifest, settings)
+    _check_same_decoding(out, manifest, on_decode_error)
+    if manifest["complete"] and _extend_to(manifest, max_tokens):
+        _say(progress, f"extending the shards in {out} (read up to {max_tokens or 'all'} tokens of the source)")
+    if manifest["complete"]:
+        dataset = ShardedDataset(out, manifest)
+        _say(progress, f"reusing the finished shards in {out} ({dataset.summary()}); nothing to tokenise")
+        _say_not_utf8(out, manifest)
+        if on_commit is not None:
+            on_commit(manifest)  # all there is, as committed
+        return dataset
+    done = {s: len(manifest["splits"][s]["shards"]) for s in SPLITS}
+    _say(progress, f"resuming the unfinished shards in {out} (train: {done['train']}, val: {done['val']} shards done)")
+    return None
+
+
+def _new_manifest(settings: dict, on_decode_error: str, source: str, val_source: str | None, shard_tokens: int,
+                  streams: list) -> dict:
+    return {
+        "format": "iterative-llm token shards",
+        "format_version": FORMAT_VERSION,
+        "complete": False,
+        "dtype": settings["dtype"],
+        "byte_order": "little",
+        "vocab_size": settings["vocab_size"],
+        "boundary_token_id": settings["boundary_token_id"],
+        "tokenizer_fingerprint": settings["tokenizer_fingerprint"],
+        "settings": settings,
+        "on_decode_error": on_decode_error,  # compared apart from settings: see _check_same_decoding
+        "paths": {"source": source, "val_source": val_source},  # for people; not compared
+        "shard_tokens": shard_tokens,
+        "versions": package_versions(("numpy", "tokenizers"), git=False),
+        "progress": {key: {"documents_read": 0, "tokens": 0, "done": False} for key, _, _ in streams},
+        "splits": {s: {"num_tokens": 0, "num_documents": 0, "num_bytes": 0, "shards": []} for s in SPLITS},
+    }
+
+
+def _finished(out: Path, manifest: dict, source: str, val_fraction: float, progress: bool, on_commit,
+              writing: "_Tokenising") -> "ShardedDataset":
+    """The folder marked complete (or, with a split left empty, removed and named), opened."""
     empty = [s for s in SPLITS if manifest["splits"][s]["num_documents"] == 0]
     if empty:
         total = sum(manifest["splits"][s]["num_documents"] for s in SPLITS)
@@ -326,10 +276,112 @@ def prepare_shards(
         on_commit(manifest)
     _say_not_utf8(out, manifest)
     dataset = ShardedDataset(out, manifest)
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - writing.started
     _say(progress, f"wrote {out}: {dataset.summary()}; "
-                   f"{new_tokens / max(seconds, 1e-9):,.0f} tokens/s over {seconds:.1f} s")
+                   f"{writing.new_tokens / max(seconds, 1e-9):,.0f} tokens/s over {seconds:.1f} s")
     return dataset
+
+
+class _Tokenising:
+    """One call's tokenising of its streams into the shard folder `out`: each stream read from where the
+    manifest says it stopped, documents encoded in batches and written to the shard of their split,
+    shards committed (and the manifest with them) every `shard_tokens`."""
+
+    def __init__(self, out: Path, manifest: dict, tokenizer, streams: list, *, text_column, doc_separator,
+                 val_fraction, shard_tokens, max_documents, max_tokens, on_decode_error, progress, stop, on_commit):
+        self.out, self.manifest, self.streams = out, manifest, streams
+        self.text_column, self.doc_separator, self.val_fraction = text_column, doc_separator, val_fraction
+        self.shard_tokens, self.max_documents, self.max_tokens = shard_tokens, max_documents, max_tokens
+        self.on_decode_error, self.progress, self.stop, self.on_commit = on_decode_error, progress, stop, on_commit
+        self.boundary, self.vocab_size = boundary_token_id(tokenizer), len(tokenizer)
+        self.encoder = plain_text_encoder(tokenizer)
+        self.started, self.new_tokens = time.perf_counter(), 0
+        self.start_again()
+
+    def start_again(self) -> None:
+        """Writers on the manifest's splits as they now are (emptied, when the tails are held out instead)."""
+        dtype = np.dtype(self.manifest["dtype"])
+        self.writers = {s: _ShardWriter(self.out, s, dtype, self.manifest["splits"][s]) for s in SPLITS}
+
+    def checkpoint(self) -> None:
+        # Close every open shard, then record how far each source has been read: the manifest on
+        # disk always describes a state in which each stream's first documents_read are all stored.
+        for writer in self.writers.values():
+            writer.commit()
+        _write_json(self.out / MANIFEST, self.manifest)
+        if self.on_commit is not None:
+            self.on_commit(self.manifest)
+
+    def run(self) -> None:
+        try:
+            for key, stream_source, forced_split in self.streams:
+                self.stream(key, stream_source, forced_split)
+        finally:
+            for writer in self.writers.values():
+                writer.discard()  # an interrupted shard is dropped; the last checkpoint stands
+
+    def stream(self, key: str, stream_source: str, forced_split: str | None) -> None:
+        """Read one source on from where it stopped, to its end, its cap or a stop."""
+        state = self.manifest["progress"][key]
+        cap = self.max_tokens if key == "source" else None
+        if cap is not None and state["tokens"] >= cap:
+            state.update(done=True, capped=True)
+        if state["done"]:
+            return
+        not_utf8: list[dict] = []
+        documents = iter_documents(stream_source, text_column=self.text_column, doc_separator=self.doc_separator,
+                                   max_documents=self.max_documents, on_decode_error=self.on_decode_error,
+                                   not_utf8=not_utf8)
+        # Resuming: the first documents_read are already in committed shards.
+        documents = itertools.islice(documents, state["documents_read"], None)
+        pieces = _pieces(documents, forced_split, self.val_fraction, self.manifest.get("held_out_tails", False))
+        bar = progress_bar(self.progress, f"tokenising {stream_source}", unit="tok", initial=state["tokens"],
+                           unit_scale=True)
+        # Under a cap, a batch holds about the text still wanted (4 characters a token), so that
+        # a stream (a hub dataset) is not read far past it.
+        wanted = None if cap is None else (lambda: 4 * (cap - state["tokens"]))
+        for batch in _batched_texts(pieces, wanted):
+            self.write_batch(batch, key, state, cap)
+            if bar is not None:
+                bar.update(state["tokens"] - bar.n)
+                bar.set_postfix(docs=state["documents_read"], refresh=False)
+            if state.get("capped"):  # at a document's end, never between its two parts
+                break
+        if bar is not None:
+            bar.close()
+        state["done"] = True
+        self.record_not_utf8(state, not_utf8)
+        self.checkpoint()
+
+    def write_batch(self, batch: list[tuple], key: str, state: dict, cap: int | None) -> None:
+        """Encode a batch of (text, split, whether the document ends here) and write each to its shard; a
+        cap or a stop reached ends the batch at a document's end (state["capped"])."""
+        encoded = _encode_batch(self.encoder, [text for text, _, _ in batch])
+        for (text, split, document_ends), ids in zip(batch, encoded):
+            document = np.empty(len(ids) + 1, dtype=np.int64)
+            document[0] = self.boundary
+            document[1:] = ids
+            self.writers[split].add(document, len(text.encode("utf-8")), self.vocab_size)
+            state["tokens"] += len(document)
+            self.new_tokens += len(document)
+            if not document_ends:
+                continue  # the held-out tail of this document follows
+            state["documents_read"] += 1
+            if (cap is not None and state["tokens"] >= cap) or (
+                    key == "source" and self.stop is not None and self.stop.is_set()):
+                state["capped"] = True  # more is there: a later call may extend from here
+                return
+            if self.writers[split].open_tokens >= self.shard_tokens:
+                self.checkpoint()
+
+    def record_not_utf8(self, state: dict, not_utf8: list[dict]) -> None:
+        # The stream is read from its start on a resume too, so `not_utf8` holds every such file
+        # before the point reached; a --max_tokens cut counts only those before its last document.
+        cut = state.get("capped", False) or (self.max_tokens is not None and state["tokens"] >= self.max_tokens)
+        passed = [e for e in not_utf8 if not cut or e["after_documents"] < state["documents_read"]]
+        if passed:
+            state["not_utf8"] = {"files": len(passed), "bytes": sum(e["bytes"] for e in passed),
+                                 "first_files": [e["file"] for e in passed[:5]]}
 
 
 def _extend_to(manifest: dict, max_tokens: int | None) -> bool:

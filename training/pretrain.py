@@ -453,39 +453,13 @@ def set_up_threads(config: TrainConfig, device_type: str, say) -> None:
 def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = None) -> Run:
     """Processes, the run folder, the plan and the data it needs, the model, its optimizers and (with
     --resume) the state to continue from: everything the loop needs, or an error before anything is trained."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     budget = budget or TimeBudget(None)
     machine = Device.this_machine()
     precision = choose_precision(machine, config.precision).value  # the plan says why
     out = Path(config.out)
-    accelerator = Accelerator(
-        # Several processes without GPUs (torchrun on a CPU machine): accelerate needs to be told
-        # to use CPU data parallelism (gloo); otherwise each process trains alone.
-        cpu=not torch.cuda.is_available() and _several_processes(),
-        mixed_precision=precision if precision in ("bf16", "fp16") else "no",
-        log_with=None if config.report_to == "none" else config.report_to,
-        project_dir=str(out),
-    )
+    accelerator, say = _start_processes(config, precision, out)
     main_process, world_size, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
-    say = (lambda message: print(message, flush=True)) if main_process else (lambda message: None)
-    set_up_threads(config, device.type, say)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for whatever stays in float32 (bf16 autocast covers the rest)
-    set_seed(config.seed)
-
-    # The run folder: a new run never writes over checkpoints, a resume needs one.
-    resume_from = latest_checkpoint(out) if config.resume else None
-    if config.resume and resume_from is None:
-        raise TrainingError(f"--resume: the run folder {out} has no checkpoint to resume from. Drop --resume to start it.")
-    if not config.resume and latest_checkpoint(out) is not None:
-        raise TrainingError(
-            f"The run folder {out} already holds checkpoints. Pass --resume to continue that run, or choose "
-            f"another --out (nothing was overwritten)."
-        )
-    if config.model_preset != "auto":
-        check_model_settings(config)  # before anything is written (--preset auto's size is the plan's)
+    resume_from = _checked_run_folder(config, out)
     # A resumed run's data must hold what it trained on before as well as what this command will.
     trained_before = _tokens_trained_in(resume_from) if resume_from is not None else 0
     plan, tokenizer, train_split, val_split = _planned_data(config, accelerator, out, say, machine, budget,
@@ -516,30 +490,10 @@ def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = 
         _write_run_files(out, config, model_config, tokenizer, resume_from is not None, state["step"])
     accelerator.wait_for_everyone()
 
-    compile_fallback = None
-    if config.compile:
-        compile_fallback = compile_problem(device.type)
-        if compile_fallback:
-            say(f"--compile true: {compile_fallback}; training eagerly (as with --compile false)")
-            config = dataclasses.replace(config, compile=False)
-        else:
-            compile_model(raw_model)
+    config, compile_fallback = _compiled_where_it_can(config, raw_model, device.type, say)
     model = accelerator.prepare(raw_model)
     if world_size > 1:
         _KEEP_UNTIL_EXIT.append(model)  # its DDP reducer holds the process group
-    # The global batch of a step is `accumulation x world_size` slices of `batch_size` rows, drawn
-    # from one generator seeded by the step: micro-step m of process r reads slice m * world + r.
-    # The same step therefore sees the same rows whatever the split into processes and micro-steps,
-    # and resuming needs nothing but the step counter.
-    micro_batches = [
-        RandomWindowBatches(
-            train_split, batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed,
-            rank=micro * world_size + accelerator.process_index, world_size=accumulation * world_size,
-            document_positions=config.document_masking,
-            pin_memory=config.dataloader_pin_memory and device.type == "cuda",
-        )
-        for micro in range(accumulation)
-    ]
     if config.report_to != "none":
         # TensorBoard writes to project_dir/<project name>: OUT/logs, as the README's table says.
         accelerator.init_trackers(run_folder.LOGS if config.report_to == "tensorboard" else "pretrain",
@@ -547,7 +501,8 @@ def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = 
     return Run(
         config=config, accelerator=accelerator, out=out, precision=precision, tokenizer=tokenizer,
         train_split=train_split, val_split=val_split, raw_model=raw_model, model=model, optimizers=optimizers,
-        accumulation=accumulation, tokens_per_step=tokens_per_step, micro_batches=micro_batches,
+        accumulation=accumulation, tokens_per_step=tokens_per_step,
+        micro_batches=_micro_batches(config, train_split, accumulation, accelerator),
         # Our model computes the loss chunk by chunk without keeping the (B, T, V) logits
         # (`skip_logits`); a baseline model from `model_factory` gets the plain call.
         loss_kwargs={"skip_logits": True} if isinstance(raw_model, IterativeLLMForCausalLM) else {},
@@ -555,6 +510,76 @@ def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = 
         data_dir=_data_dir(config, out),
         beside=_tokeniser_beside(config, plan, tokenizer, _data_dir(config, out), out) if main_process else None,
     )
+
+
+def _start_processes(config: TrainConfig, precision: str, out: Path):
+    """(the accelerator of this launch's processes, a `say` that prints on the main process only), with
+    torch's threads, TF32 on a CUDA card and every random generator seeded."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(
+        # Several processes without GPUs (torchrun on a CPU machine): accelerate needs to be told
+        # to use CPU data parallelism (gloo); otherwise each process trains alone.
+        cpu=not torch.cuda.is_available() and _several_processes(),
+        mixed_precision=precision if precision in ("bf16", "fp16") else "no",
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_dir=str(out),
+    )
+    say = (lambda message: print(message, flush=True)) if accelerator.is_main_process else (lambda message: None)
+    set_up_threads(config, accelerator.device.type, say)
+    if accelerator.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for whatever stays in float32 (bf16 autocast covers the rest)
+    set_seed(config.seed)
+    return accelerator, say
+
+
+def _checked_run_folder(config: TrainConfig, out: Path) -> Path | None:
+    """The checkpoint a --resume continues from (None for a new run): a new run never writes over
+    checkpoints, a resume needs one; the model settings are checked before anything is written."""
+    resume_from = latest_checkpoint(out) if config.resume else None
+    if config.resume and resume_from is None:
+        raise TrainingError(f"--resume: the run folder {out} has no checkpoint to resume from. Drop --resume to start it.")
+    if not config.resume and latest_checkpoint(out) is not None:
+        raise TrainingError(
+            f"The run folder {out} already holds checkpoints. Pass --resume to continue that run, or choose "
+            f"another --out (nothing was overwritten)."
+        )
+    if config.model_preset != "auto":
+        check_model_settings(config)  # (--preset auto's size is the plan's, checked there)
+    return resume_from
+
+
+def _compiled_where_it_can(config: TrainConfig, raw_model, device_type: str, say) -> tuple[TrainConfig, str | None]:
+    """With --compile true, the model compiled in place; where this machine lacks what torch.compile
+    needs, the run trains eagerly and says why in one line: (the config as the run uses it, that why)."""
+    if not config.compile:
+        return config, None
+    problem = compile_problem(device_type)
+    if problem:
+        say(f"--compile true: {problem}; training eagerly (as with --compile false)")
+        return dataclasses.replace(config, compile=False), problem
+    compile_model(raw_model)
+    return config, None
+
+
+def _micro_batches(config: TrainConfig, train_split, accumulation: int, accelerator) -> list:
+    """One RandomWindowBatches per micro-step of this process.
+
+    The global batch of a step is `accumulation x world_size` slices of `batch_size` rows, drawn from
+    one generator seeded by the step: micro-step m of process r reads slice m * world + r. The same
+    step therefore sees the same rows whatever the split into processes and micro-steps, and resuming
+    needs nothing but the step counter."""
+    world_size = accelerator.num_processes
+    return [
+        RandomWindowBatches(
+            train_split, batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed,
+            rank=micro * world_size + accelerator.process_index, world_size=accumulation * world_size,
+            document_positions=config.document_masking,
+            pin_memory=config.dataloader_pin_memory and accelerator.device.type == "cuda",
+        )
+        for micro in range(accumulation)
+    ]
 
 
 def _planned_data(config: TrainConfig, accelerator, out: Path, say, machine: Device, budget: TimeBudget,
