@@ -370,7 +370,7 @@ class Plan:
             rows.append(("train", f"{format_seconds(self.training_seconds)}, the cool-down over its last "
                                   f"{c.cooldown_fraction:.0%}; re-planned at every step from the clock"))
             rows.append(("end", f"final evaluation, samples, checkpoint and export: "
-                                f"{format_seconds(budget.end_reserve)} kept"))
+                                f"{format_seconds(sum(self.end_parts.values()))} kept"))
         width = max(len(name) for name, _ in rows)
         return [f"  {name.ljust(width)}  {text}" for name, text in rows]
 
@@ -548,8 +548,7 @@ def _size_the_data(plan: Plan, fitting: _Fitting, size: _Size, trained_before: i
 
     resolved, budget, rate, step_tokens = plan.config, fitting.budget, size.tokens_per_second, plan.config.batch_tokens
     plan.training_seconds = fitting.training_seconds(rate, size.parameters)
-    budget.end_parts = plan.end_parts = end_reserve(resolved, size.parameters, rate, plan.training_seconds)
-    budget.eval_tokens = resolved.eval_tokens
+    plan.end_parts = end_reserve(resolved, size.parameters, rate, plan.training_seconds)
     tokens = trained_before + DATA_MARGIN * rate * plan.training_seconds
     limits = [tokens] + token_caps(resolved, step_tokens)
     share_kept = source_share_trained(resolved)

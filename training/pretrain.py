@@ -465,7 +465,8 @@ def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = 
     plan, tokenizer, train_split, val_split = _planned_data(config, accelerator, out, say, machine, budget,
                                                             trained_before)
     config = plan.config  # nothing left on "auto"
-    budget.eval_tokens = min(config.eval_tokens or val_split.num_tokens, val_split.num_tokens)
+    # The plan's figures for the end (under --time_budget) go to the run's clock here, on every process.
+    budget.keep_for_the_end(plan.end_parts, min(config.eval_tokens or val_split.num_tokens, val_split.num_tokens))
 
     model_config, raw_model = _build_model(config, tokenizer, device, model_factory)
     optimizers = build_optimizers(
@@ -678,8 +679,6 @@ def _the_plan(config: TrainConfig, accelerator, machine: Device, budget: TimeBud
         from accelerate.utils import broadcast_object_list
 
         plan = broadcast_object_list([plan])[0]
-        if plan.end_parts:
-            budget.end_parts, budget.eval_tokens = dict(plan.end_parts), plan.config.eval_tokens
     return plan
 
 
