@@ -42,8 +42,7 @@ import torch
 
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM, run_folder
 from iterative_llm.command_line import shell_word
-from iterative_llm.console import progress_bar
-from iterative_llm.console import make_output_safe
+from iterative_llm.console import make_output_safe, progress_bar
 from iterative_llm.tokenization import check_tokenizer_matches_model, token_byte_lengths
 
 from . import ladder
