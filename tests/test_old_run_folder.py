@@ -1,7 +1,7 @@
 """A run folder written by earlier code resumes and exports under today's: the run folder, its
 checkpoints and token shards are formats users keep, whatever moves inside the package.
 
-tests/data/run_e92574a/ was written by commit e92574a's code (tests/data/README.md says how), on the
+tests/fixtures/run_e92574a/ was written by commit e92574a's code (tests/fixtures/README.md says how), on the
 text `made_up_text` writes, with SETTINGS."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from training.pretrain import main as train_main
 
-OLD_RUN = Path(__file__).resolve().parent / "data" / "run_e92574a"
+OLD_RUN = Path(__file__).resolve().parent / "fixtures" / "run_e92574a"
 
 WORDS = ("lantern orchard pebble meadow quill harbour ember thistle lagoon saddle cobalt willow beacon "
          "marble sparrow canyon velvet timber glacier ribbon").split()
