@@ -328,7 +328,7 @@ def settings(small: bool) -> dict:
         "baseline": {"max_steps": 4, "eval_tokens": 16_384, "model": shrink, "compile": False, "optimizer": "adamw",
                      "stop_if_not_learning": False, **shape},
         "profile": {"model": shrink, "timed_steps": 1, "memory_batch_size": 4, **shape},
-        # The CPU's session: the plan tokenises in pauses there (the thread's path is tests/test_tokenise_beside.py's).
+        # The CPU's session: the plan tokenises in pauses there (the thread's path is tests/data/test_tokenise_beside.py's).
         "session": {"budget": "30s", "eval_every": 50, "eval_tokens": 16_384, "model": {"vocab_size": 1024}},
     }
 

@@ -503,8 +503,8 @@ def softcapped_linear_cross_entropy(
       loss under compile). A custom autograd.Function that forms gradients in its forward is the
       pattern dynamo gets wrong (it gave zero gradients on CUDA under bf16 autocast, issue 14), and
       its chunk loop would be unrolled into hundreds of small kernels; so it is never traced.
-    Both give the same loss and gradients (tests/test_compile.py checks compiled against eager, and
-    tests/test_model.py the chunked path against the plain one, under bf16 autocast).
+    Both give the same loss and gradients (tests/model/test_compile.py checks compiled against eager, and
+    tests/model/test_model.py the chunked path against the plain one, under bf16 autocast).
     """
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]

@@ -66,6 +66,15 @@ def locale_is_utf8() -> bool:
     return locale.getpreferredencoding(False).lower().replace("-", "") == "utf8"
 
 
+def skip_unless_compile_works() -> None:
+    """torch.compile needs a working backend (on CPU: a C++ compiler); without one, say so and skip."""
+    try:
+        torch.compile(lambda x: torch.tanh(x) * 2)(torch.ones(4))
+    except Exception as err:  # the failure modes vary: no compiler, unsupported Python, missing headers
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        pytest.skip(f"torch.compile does not work in this environment ({type(err).__name__}: {first_line})")
+
+
 def assert_close_in_bf16(actual: torch.Tensor, expected: torch.Tensor, ulps: float = 2) -> None:
     """`actual` equals `expected` within `ulps` units in the last place of bfloat16 at the tensors' scale.
 

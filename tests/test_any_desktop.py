@@ -34,9 +34,9 @@ from training.config import build_config
 from training.pretrain import main as train_main, train
 from training.shards import ShardedDataset
 
-from .conftest import child_env
-from .test_budget import big_text_dir, budget_settings  # noqa: F401  (big_text_dir is a fixture)
-from .test_pretrain import settings, text_dir  # noqa: F401  (text_dir is a fixture)
+from tests.conftest import child_env
+from tests.pretrain.test_budget import big_text_dir, budget_settings  # noqa: F401  (big_text_dir is a fixture)
+from tests.pretrain.test_pretrain import settings, text_dir  # noqa: F401  (text_dir is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 

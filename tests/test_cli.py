@@ -14,7 +14,7 @@ import torch
 
 from iterative_llm.cli import STAGES
 from iterative_llm.cli import main as cli_main
-from tests.test_alignment_data import save_model_folder
+from tests.align.test_alignment_data import save_model_folder
 
 
 def _help(stage: str) -> str:
@@ -40,7 +40,7 @@ def test_every_option_of_every_command_takes_underscores_and_dashes(stage):
     assert options, f"no options found in `iterative-llm {stage} --help`"
     spelled = set(options)
     if stage == "train":
-        # train's --help lists each option once (tests/test_pretrain.py checks that); its parser
+        # train's --help lists each option once (tests/pretrain/test_pretrain.py checks that); its parser
         # takes the dashed alias unlisted.
         from training.config import TrainConfig, _build_parser, to_dict
 

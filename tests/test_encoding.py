@@ -24,7 +24,7 @@ import yaml
 from iterative_llm import console
 from iterative_llm.console import make_output_safe
 
-from .conftest import tiny_model
+from tests.conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def run_in_ascii_locale(*commands: list[str], cwd: Path, **kwargs) -> subprocess
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer) -> Path:
-    """A saved model folder as tests/test_explain.py makes it; its tokenizer has a chat template."""
+    """A saved model folder as tests/model/test_explain.py makes it; its tokenizer has a chat template."""
     folder = tmp_path_factory.mktemp("model")
     tiny_model(vocab_size=len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

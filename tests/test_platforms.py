@@ -12,7 +12,7 @@ import torch
 from training import machine
 from training.plan import GIB, Device, choose_precision, choose_tokenise_beside, estimate_micro_batch
 
-from .conftest import tiny_config
+from tests.conftest import tiny_config
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_a_run_on_a_mac_records_its_chip(monkeypatch):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, tokenizer) -> Path:
-    from tests.test_alignment_data import save_model_folder
+    from tests.align.test_alignment_data import save_model_folder
 
     return save_model_folder(tmp_path_factory.mktemp("mac") / "model", tokenizer)
 

@@ -239,7 +239,7 @@ class Float32Muon(torch.optim.Muon):
     CPU emulates them: 11 to 20 times slower than float32, so on such a machine torch's Muon step was
     a quarter of the tiny preset's training step (issue 18). This class takes the same settings, keeps
     the same state (a "momentum_buffer" per matrix, so checkpoints move between the two), and applies
-    the same update, in float32: `tests/test_optim.py` checks that the two agree within bf16 rounding.
+    the same update, in float32: `tests/pretrain/test_optim.py` checks that the two agree within bf16 rounding.
     """
 
     @torch.no_grad()

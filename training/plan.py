@@ -11,7 +11,7 @@
 
 Every decision is a `Decision(value, reason)`, so that the plan a run prints says what it chose and
 why. Decisions take a `Device`, not torch's global state, so that tests can ask what an 8 GB card
-without bf16 would get (tests/test_budget.py and tests/test_platforms.py, and the README's table of
+without bf16 would get (tests/pretrain/test_budget.py and tests/test_platforms.py, and the README's table of
 common cards).
 """
 

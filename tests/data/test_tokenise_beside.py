@@ -24,8 +24,8 @@ from training.pretrain import train
 from training.shards import ShardedDataset
 from training.tokenise_beside import TokeniserBeside, TokenisingFailed
 
-from .test_budget import CARDS, big_text_dir, budget_settings  # noqa: F401  (big_text_dir is a fixture)
-from .test_pretrain import settings
+from tests.pretrain.test_budget import CARDS, big_text_dir, budget_settings  # noqa: F401  (big_text_dir is a fixture)
+from tests.pretrain.test_pretrain import settings
 
 
 def test_the_plan_tokenises_beside_training_on_a_gpu_and_an_explicit_choice_wins():

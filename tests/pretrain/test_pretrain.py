@@ -25,9 +25,9 @@ from training.evaluate import evaluate, flops_per_token
 from training.pretrain import TrainingError, train
 from training.shards import ShardedDataset
 
-from .conftest import child_env, posix_only, process_alive, run_process_tree, tiny_config, tiny_model
+from tests.conftest import child_env, posix_only, process_alive, run_process_tree, tiny_config, tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ from training import prepare
 from training.checkpoint import latest_checkpoint
 from training.run_lock import LOCK_FILE, FolderInUse, hold
 
-from .conftest import child_env, process_alive
-from .test_pretrain import settings, text_dir  # noqa: F401 (a fixture)
+from tests.conftest import child_env, process_alive
+from tests.pretrain.test_pretrain import settings, text_dir  # noqa: F401 (a fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 HOLDER = textwrap.dedent(
     """

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from iterative_llm import PRESETS, IterativeLLMConfig, IterativeLLMForCausalLM, IterativeLLMModel, build_model
 
-from .conftest import tiny_config, tiny_model
+from tests.conftest import tiny_config, tiny_model
 
 
 def ids(batch: int = 2, length: int = 12, vocab: int = 128, seed: int = 1) -> torch.Tensor:

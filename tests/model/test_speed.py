@@ -18,18 +18,9 @@ from benchmarks.throughput import Contestant
 from iterative_llm import IterativeLLMForCausalLM
 from training.optim import build_optimizers
 
-from .conftest import tiny_config
+from tests.conftest import skip_unless_compile_works, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def skip_unless_compile_works() -> None:
-    """torch.compile needs a working backend (on CPU: a C++ compiler); without one, say so and skip."""
-    try:
-        torch.compile(lambda x: torch.tanh(x) * 2)(torch.ones(4))
-    except Exception as err:  # the failure modes vary: no compiler, unsupported Python, missing headers
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        pytest.skip(f"torch.compile does not work in this environment ({type(err).__name__}: {first_line})")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

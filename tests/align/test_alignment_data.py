@@ -274,7 +274,7 @@ def test_the_presets_and_defaults_give_no_deprecation_warning(stage, tmp_path, m
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     module = {"sft": sft, "dpo": dpo}[stage]
-    presets = sorted((Path(__file__).parents[1] / "training" / "presets").glob(f"{stage}-*.yaml"))
+    presets = sorted((Path(__file__).parents[2] / "training" / "presets").glob(f"{stage}-*.yaml"))
     assert len(presets) >= 2
     for arguments in [[]] + [["--config", str(preset)] for preset in presets]:
         with warnings.catch_warnings(record=True) as caught:
@@ -293,7 +293,7 @@ def test_a_file_too_small_for_the_held_out_rows_gets_a_message_naming_num_heldou
     pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs(16))
     for stage, data in (("sft", small), ("dpo", pairs)):
         out = tmp_path / f"out-{stage}"
-        preset = Path(__file__).parents[1] / "training" / "presets" / f"{stage}-tiny.yaml"
+        preset = Path(__file__).parents[2] / "training" / "presets" / f"{stage}-tiny.yaml"
         code = cli_main([stage, "--config", str(preset), "--dataset_name", str(data),
                          "--model_name_or_path", str(tmp_path / "model-never-loaded"), "--output_dir", str(out)])
         err = capsys.readouterr().err

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, pipeline
 from trl import ModelConfig
 
-from tests.test_alignment_data import preference_pairs, save_model_folder, write_jsonl
+from tests.align.test_alignment_data import preference_pairs, save_model_folder, write_jsonl
 from training.alignment import peft_config_from
 from training.alignment_data import DataArguments, load_preference_dataset
 from training.dpo import DPOConfig, make_trainer, preference_logps, preference_stats
@@ -24,7 +24,7 @@ from training.dpo import main as dpo_main
 from training.model_card import append_model_card_section
 from training.model_folder import load_starting_model
 
-from .conftest import third_party_env
+from tests.conftest import third_party_env
 
 TRL = Path(sys.executable).with_name("trl")
 
@@ -159,7 +159,7 @@ def test_alignment_benchmark_runs_end_to_end(tmp_path, tokenizer):
     import gzip
     import importlib.util
 
-    from tests.test_alignment_data import OBJECTS, SUBJECTS
+    from tests.align.test_alignment_data import OBJECTS, SUBJECTS
 
     data = tmp_path / "data"
     write_jsonl(data / "sft" / "dolly-open_qa" / "chinkara-open_qa.jsonl",
@@ -169,7 +169,7 @@ def test_alignment_benchmark_runs_end_to_end(tmp_path, tokenizer):
         f.writelines(json.dumps(row) + "\n" for row in preference_pairs(24))
     model = save_model_folder(tmp_path / "run", tokenizer)
 
-    path = Path(__file__).parents[1] / "benchmarks" / "alignment.py"
+    path = Path(__file__).parents[2] / "benchmarks" / "alignment.py"
     spec = importlib.util.spec_from_file_location("alignment_benchmark", path)
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)

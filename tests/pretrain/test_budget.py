@@ -20,8 +20,8 @@ from training.prepare import prepare_shards
 from training.pretrain import main as train_main, train
 from training.shards import ShardedDataset
 
-from .conftest import tiny_config
-from .test_pretrain import settings
+from tests.conftest import tiny_config
+from tests.pretrain.test_pretrain import settings
 
 WORDS = ("river stone light garden window paper morning silver winter harbor forest letter candle music "
          "bridge mountain island summer shadow whisper").split()
@@ -410,7 +410,7 @@ def card_table() -> list[str]:
 
 
 def test_the_readme_shows_what_the_plan_chooses_on_common_cards():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     rows = card_table()
     missing = [row for row in rows if row not in readme]
     assert not missing, "README.md's table of common cards differs from the plan's decisions:\n" + "\n".join(rows)

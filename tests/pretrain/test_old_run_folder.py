@@ -13,7 +13,7 @@ from pathlib import Path
 
 from training.pretrain import main as train_main
 
-OLD_RUN = Path(__file__).resolve().parent / "fixtures" / "run_e92574a"
+OLD_RUN = Path(__file__).resolve().parents[1] / "fixtures" / "run_e92574a"
 
 WORDS = ("lantern orchard pebble meadow quill harbour ember thistle lagoon saddle cobalt willow beacon "
          "marble sparrow canyon velvet timber glacier ribbon").split()

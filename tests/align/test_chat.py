@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from iterative_llm.cli import main as cli_main
-from tests.test_alignment_data import save_model_folder
+from tests.align.test_alignment_data import save_model_folder
 from training.chat import ChatArguments, ChatSession, chat_loop, load_chat_model
 
 

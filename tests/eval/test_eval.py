@@ -21,10 +21,10 @@ from training.evaluate import text_bits_per_byte, window_plan
 from training.multiple_choice import HELLASWAG_REFERENCES, hellaswag_in_run, load_items, score_hellaswag, to_item
 from training.pretrain import train
 
-from .conftest import third_party_env, tiny_model
-from .test_pretrain import settings, text_dir  # noqa: F401  (a fixture)
+from tests.conftest import third_party_env, tiny_model
+from tests.pretrain.test_pretrain import settings, text_dir  # noqa: F401  (a fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def record(ending_texts: list[str], label: int, *, ctx_a: str = "The cat sees a dog.", ctx_b: str = "the dog",

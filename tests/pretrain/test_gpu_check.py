@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from .test_speed import skip_unless_compile_works
+from tests.conftest import skip_unless_compile_works
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

@@ -13,8 +13,8 @@ from training import pretrain
 from training.config import build_config
 from training.pretrain import TrainingError, train
 
-from .test_pretrain import settings, text_dir  # noqa: F401  (text_dir is a fixture)
-from .test_speed import skip_unless_compile_works
+from tests.pretrain.test_pretrain import settings, text_dir  # noqa: F401  (text_dir is a fixture)
+from tests.conftest import skip_unless_compile_works
 
 
 def test_a_run_that_learns_nothing_stops_with_the_likely_causes(tmp_path, text_dir):  # noqa: F811

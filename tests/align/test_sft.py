@@ -18,12 +18,12 @@ from trl import ModelConfig
 
 from iterative_llm.cli import main as cli_main
 from iterative_llm.tokenization import ASSISTANT, END_OF_TURN
-from tests.test_alignment_data import qa_conversations, save_model_folder, write_jsonl
+from tests.align.test_alignment_data import qa_conversations, save_model_folder, write_jsonl
 from training.alignment_data import DataArguments, load_sft_dataset
 from training.model_folder import load_starting_model
 from training.sft import SFTConfig, SFTScriptArguments, end_of_turn_share, make_trainer
 
-from .conftest import third_party_env
+from tests.conftest import third_party_env
 
 TRL = Path(sys.executable).with_name("trl")
 
@@ -194,7 +194,7 @@ def test_end_of_turn_benchmark_remeasures_the_prompts_an_sft_run_held_out(base_f
     """benchmarks/end_of_turn.py re-runs the SFT check on a saved folder: same held-out rows, same replies."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("end_of_turn", Path(__file__).parents[1] / "benchmarks" / "end_of_turn.py")
+    spec = importlib.util.spec_from_file_location("end_of_turn", Path(__file__).parents[2] / "benchmarks" / "end_of_turn.py")
     end_of_turn = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(end_of_turn)
     figures = end_of_turn.main(["--model", str(base_folder), "--data", str(conversations_file), "--num-heldout", "6",

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .conftest import tiny_model
-from .test_speed import skip_unless_compile_works
+from tests.conftest import tiny_model
+from tests.conftest import skip_unless_compile_works
 
 
 def gradients(model, x, compiled: bool, skip_logits: bool, backend: str):

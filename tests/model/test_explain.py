@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from iterative_llm import cli, explain as explain_module
 from iterative_llm.explain import ExplainError, explain, load, main, run
 
-from .conftest import tiny_model
+from tests.conftest import tiny_model
 
 # "日" is three UTF-8 bytes that the small test vocabulary has never seen: it is split into byte tokens.
 SENTENCE = "The cat sees 日 the dog"

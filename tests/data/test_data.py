@@ -24,7 +24,7 @@ from training.prepare import prepare_shards
 from training.shards import ShardedDataset
 from training.sources import HubDatasetError, iter_documents
 
-from .conftest import posix_only
+from tests.conftest import posix_only
 
 # Hand-written documents that tend to break round trips, then plain generated ones so that the
 # hash split has enough documents to put some in validation.
@@ -679,7 +679,7 @@ def test_train_takes_the_decode_choice_and_refuses_an_unknown_one(latin1_folder,
     from training.config import parse_args
     from training.pretrain import main
 
-    from .test_pretrain import settings
+    from tests.pretrain.test_pretrain import settings
 
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(settings(latin1_folder, tmp_path / "run", max_steps=1, eval_every=0)), encoding="utf-8")
