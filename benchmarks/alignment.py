@@ -69,7 +69,8 @@ def stage_argv(config: str, model: str, data: Path, output_dir: Path, args, extr
 def main(argv=None) -> dict:
     make_output_safe()  # its printout survives any stdout encoding (iterative_llm/console.py)
     args = parse_args(argv)
-    from training import dpo, sft
+    from training.align import dpo
+    from training.align import sft
     from training.machine import cpu_description
 
     data_dir = Path(args.data_dir)
@@ -117,7 +118,7 @@ def results_table(results: dict, sft_name: str) -> str:
         rows.append(f"| SFT ({sft_name}): held-out loss on replies, before -> after | "
                     f"{b['heldout_loss']:.3f} -> {a['heldout_loss']:.3f} |")
         if "end_of_turn_share" in a:
-            from training.sft import end_of_turn_decoding
+            from training.align.sft import end_of_turn_decoding
 
             decoding = end_of_turn_decoding(results.get("sft_eval_repetition_penalty", 1.0))
             rows.append(f"| SFT: replies that end their turn within {results['sft_eval_max_new_tokens']} tokens "

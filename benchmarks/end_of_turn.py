@@ -33,8 +33,8 @@ def main(argv=None) -> dict:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.alignment_data import load_sft_dataset
-    from training.sft import SFTScriptArguments, end_of_turn_share
+    from training.align.data import load_sft_dataset
+    from training.align.sft import SFTScriptArguments, end_of_turn_share
 
     _, heldout = load_sft_dataset(SFTScriptArguments(dataset_name=args.data, num_heldout=args.num_heldout), seed=args.seed)
     if heldout is None:

@@ -54,12 +54,12 @@ import torch  # noqa: E402
 from benchmarks.pretrain_recipe import gpt2_factory  # noqa: E402
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM, run_folder  # noqa: E402
 from iterative_llm.console import make_output_safe  # noqa: E402
-from training.config import build_config, load_preset  # noqa: E402
-from training.evaluate import flops_per_token, peak_flops  # noqa: E402
+from training.pretrain.config import build_config, load_preset  # noqa: E402
+from training.eval.bits_per_byte import flops_per_token, peak_flops  # noqa: E402
 from training.machine import cpu_description  # noqa: E402
-from training.optim import build_optimizers  # noqa: E402
-from training.pretrain import train  # noqa: E402
-from training.step import compile_model, to_model_inputs, train_step  # noqa: E402
+from training.pretrain.optim import build_optimizers  # noqa: E402
+from training.pretrain.trainer import train  # noqa: E402
+from training.pretrain.step import compile_model, to_model_inputs, train_step  # noqa: E402
 
 # Margins a run must lower its training loss by (first step to the mean of the last three logged
 # windows), in nats, per setting below. A model that learns nothing stays near ln(vocabulary): 8.3
@@ -266,7 +266,7 @@ def profile_and_memory(device: torch.device, shape: dict, out: Path) -> dict:
 
 def budget_session(train_dir: Path, val_file: Path, work: Path, budget: str, overrides: dict) -> dict:
     """`--preset auto --time_budget B`, as a user types it (its own data folder, tokenizer and plan)."""
-    from training.budget import parse_duration
+    from training.pretrain.budget import parse_duration
 
     out = work / "session"
     values = {**load_preset("auto"), "out": str(out), "data": str(train_dir), "val_data": str(val_file),

@@ -5,13 +5,13 @@
 Each run is the command a user types (`python -m training.pretrain --preset auto --time_budget B`,
 in a process of its own, so its clock starts with Python as the user's does); a ladder size is
 that command with the size fixed (`--model_preset tiny --model.num_hidden_layers d ...` and the
-size's learning rates, training/ladder.py). Every run prepares its own data inside its budget, as a
+size's learning rates, training/pretrain/ladder.py). Every run prepares its own data inside its budget, as a
 user's would.
 
 The runs are compared on one validation text: the books are cut once into their first 98% (the
 training source) and their last 2% (`--val_data`), in a temporary folder, so that a run which
 tokenised fewer books is scored on the same text as one that read them all. The table gives each
-size's tokens per parameter: at the best size, that is the rule auto uses (training/ladder.py
+size's tokens per parameter: at the best size, that is the rule auto uses (training/pretrain/ladder.py
 TOKENS_PER_PARAMETER). Run it alone on the machine: two jobs on 2 cores make each other's figures noise.
 """
 
@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from iterative_llm.console import make_output_safe  # noqa: E402
-from training import ladder  # noqa: E402
-from training.budget import parse_duration  # noqa: E402
-from training.prepare import split_tail  # noqa: E402  (the split rule prepare uses for a few books)
-from training.sources import iter_documents  # noqa: E402
+from training.pretrain import ladder# noqa: E402
+from training.pretrain.budget import parse_duration  # noqa: E402
+from training.data.prepare import split_tail  # noqa: E402  (the split rule prepare uses for a few books)
+from training.data.sources import iter_documents  # noqa: E402
 
 
 def split_books(source: str, folder: Path, fraction: float = 0.02) -> tuple[Path, Path]:

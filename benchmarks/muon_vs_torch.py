@@ -1,6 +1,6 @@
 """Our former Muon against torch.optim.Muon, side by side.
 
-Our Muon class lived in training/optim.py until this comparison replaced it with torch's
+Our Muon class lived in training/pretrain/optim.py until this comparison replaced it with torch's
 (benchmarks/results/muon_vs_torch.md); the benchmark reads that file from git at OURS_REVISION,
 so it runs from any later checkout.
 
@@ -22,7 +22,7 @@ source (torch/optim/_muon.py):
   Weight decay is decoupled and uses the unscaled lr in both; torch's default is 0.1, ours 0.
 
 Since issue 18 (an AVX2 CPU multiplies bfloat16 matrices 10-20x slower than float32), training
-uses torch.optim.Muon where bf16 is native and `Float32Muon` (training/optim.py: torch's update,
+uses torch.optim.Muon where bf16 is native and `Float32Muon` (training/pretrain/optim.py: torch's update,
 orthogonalised in float32) elsewhere; both parts below include it. On an AVX2 machine the quality
 part's "torch" runs are Float32Muon's, since training picks it there.
 
@@ -66,8 +66,8 @@ OURS_REVISION = "c47ce80"
 
 @functools.cache
 def load_ours(revision: str = OURS_REVISION):
-    """training/optim.py as it was at `revision`, imported as a module of its own."""
-    source = subprocess.run(["git", "show", f"{revision}:training/optim.py"], cwd=ROOT, check=True,
+    """training/pretrain/optim.py as it was at `revision`, imported as a module of its own."""
+    source = subprocess.run(["git", "show", f"{revision}:training/pretrain/optim.py"], cwd=ROOT, check=True,
                             capture_output=True, text=True, encoding="utf-8").stdout
     path = Path(tempfile.mkdtemp(prefix="muon-ours-")) / f"optim_{revision}.py"
     path.write_text(source, encoding="utf-8")
@@ -94,8 +94,8 @@ class TorchMuonInFloat32(torch.optim.Muon):
 
 def make(impl: str, params, lr: float, momentum: float, weight_decay: float):
     """One Muon with the settings mapped so that both compute the same update."""
-    if impl == "Float32Muon":  # training's Muon where bf16 is not native (training/optim.py, issue 18)
-        from training.optim import Float32Muon
+    if impl == "Float32Muon":  # training's Muon where bf16 is not native (training/pretrain/optim.py, issue 18)
+        from training.pretrain.optim import Float32Muon
 
         return Float32Muon(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay,
                            adjust_lr_fn="original")
@@ -180,8 +180,8 @@ def quality(data_dir: Path, work: Path, seeds: list[int], max_tokens: int) -> No
     from unittest import mock
 
     from benchmarks.pretrain_recipe import split_shakespeare
-    from training import pretrain
-    from training.config import build_config, load_preset, merge
+    from training.pretrain import trainer as pretrain
+    from training.pretrain.config import build_config, load_preset, merge
 
     ours = load_ours()
     data, val, _ = split_shakespeare(data_dir, work)

@@ -4,7 +4,7 @@
     python benchmarks/pretrain_recipe.py --data-dir ../shared/data --dataset books
 
 Both models go through the same data pipeline (one tokenizer, one set of token shards, the same
-batches at every step) and the same loop (training/pretrain.py); they differ in what the recipe
+batches at every step) and the same loop (training/pretrain/trainer.py); they differ in what the recipe
 changes: the model (IterativeLLM: rotary, RMSNorm, QK-norm, ReLU^2, soft-capping, zero-init
 projections) and the optimisation (Muon + AdamW, warmup-stable-decay) against transformers'
 GPT2LMHeadModel of the same parameter count with AdamW and a cosine schedule, its learning rate
@@ -36,9 +36,9 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from iterative_llm import run_folder  # noqa: E402
 from iterative_llm.console import make_output_safe  # noqa: E402
-from training.config import build_config, load_preset, merge  # noqa: E402
+from training.pretrain.config import build_config, load_preset, merge  # noqa: E402
 from training.machine import choose_threads, cpu_description  # noqa: E402
-from training.pretrain import train  # noqa: E402
+from training.pretrain.trainer import train  # noqa: E402
 
 
 def split_shakespeare(data_dir: Path, work: Path) -> tuple[str, str, str | None]:

@@ -7,7 +7,7 @@
         --grad-accum 32 --activation-checkpointing                         # the same step on a 24 GB card
 
 Two contestants, built at the same width, depth, heads, context and vocabulary:
-- ours: IterativeLLMForCausalLM with the training step of training/step.py (forward with labels and
+- ours: IterativeLLMForCausalLM with the training step of training/pretrain/step.py (forward with labels and
   the chunked `skip_logits` loss unless `--plain-loss`, backward, gradient clipping, Muon + AdamW from `build_optimizers`, zero_grad);
 - gpt2: transformers' GPT2LMHeadModel (as benchmarks/pretrain_recipe.py builds it) with the same
   step but a plain AdamW (`build_optimizers(optimizer="adamw")`, fused on GPU).
@@ -21,7 +21,7 @@ A round is timed as a whole: CUDA events with one `torch.cuda.synchronize` at it
 the loop; the loss stays on the device and is read after the round), `time.perf_counter` on CPU.
 Figures are medians over rounds; the ratio is the median of the per-round ratios ours / gpt2.
 
-MFU is the model FLOPs per token (training/evaluate.py `flops_per_token`: 6 N + 12 L H D T, attention
+MFU is the model FLOPs per token (training/eval/bits_per_byte.py `flops_per_token`: 6 N + 12 L H D T, attention
 included) times tokens/s over the device's dense bf16 peak (`peak_flops`); "n/a" on CPU and for fp32.
 The output head and loss are also timed alone (one micro-batch, forward + backward): our chunked
 loss against the plain path through full logits, same weights and inputs.
@@ -33,7 +33,7 @@ Generation: a batch of random prompts, a fixed number of new tokens (greedy, no 
 KV cache: transformers' dynamic cache, and with `--compile` also the static cache with the decoding
 step compiled (`cache_implementation="static"`; on CUDA transformers' auto-compile, CUDA graphs).
 
-`--compile` compiles our model as training does (training/step.py `compile_model`: each block and
+`--compile` compiles our model as training does (training/pretrain/step.py `compile_model`: each block and
 the loss; the optimizer step, torch.optim.Muon + AdamW, stays eager); `--compile-baseline`
 compiles GPT-2 too (whole, like for like). The table says which contestant ran how. Each phase prints
 a line as it starts and ends, with the seconds since the start (`--quiet` prints only the table).
@@ -63,11 +63,11 @@ from transformers.generation import CompileConfig  # noqa: E402
 from benchmarks.pretrain_recipe import gpt2_factory  # noqa: E402
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM  # noqa: E402
 from iterative_llm.console import make_output_safe  # noqa: E402
-from training.evaluate import flops_per_token, peak_flops  # noqa: E402
+from training.eval.bits_per_byte import flops_per_token, peak_flops  # noqa: E402
 from training.machine import choose_threads, cpu_description  # noqa: E402
-from training.optim import build_optimizers  # noqa: E402
-from training.step import compile_model as pretrain_compile  # noqa: E402
-from training.step import to_model_inputs, train_step  # noqa: E402
+from training.pretrain.optim import build_optimizers  # noqa: E402
+from training.pretrain.step import compile_model as pretrain_compile  # noqa: E402
+from training.pretrain.step import to_model_inputs, train_step  # noqa: E402
 
 # Each training preset's step (training/presets/*.yaml): micro-batch rows, tokens per row, and the
 # micro-batches accumulated per optimizer step (batch_tokens / rows / tokens). gpt2-medium has no
@@ -92,7 +92,7 @@ class Contestant:
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], device: torch.device, autocast,
                    loss_sum: torch.Tensor, grad_clip: float) -> None:
-        """One optimizer step of training (training/step.py `train_step`) over `micro_batches`.
+        """One optimizer step of training (training/pretrain/step.py `train_step`) over `micro_batches`.
 
         Nothing here waits for the device: the batches are copied asynchronously from pinned memory,
         the loss is summed on the device, and clipping never reads the norm back.
@@ -147,7 +147,7 @@ def build_contestants(args, device: torch.device) -> tuple[Contestant, Contestan
 def make_batches(count: int, batch_size: int, seq_len: int, vocab_size: int, pin: bool) -> list[dict]:
     """Random-token batches (never zeros: they can run faster than real data), in host memory,
     pinned on CUDA so the copy to the device is asynchronous. Shaped as training's batches: T + 1
-    tokens read, the next tokens as labels (training/step.py `to_model_inputs` hands them over)."""
+    tokens read, the next tokens as labels (training/pretrain/step.py `to_model_inputs` hands them over)."""
     generator = torch.Generator().manual_seed(1234)
     batches = []
     for _ in range(count):
@@ -158,7 +158,7 @@ def make_batches(count: int, batch_size: int, seq_len: int, vocab_size: int, pin
 
 
 def autocast_for(device: torch.device, dtype: str):
-    """A context factory: bf16 autocast (fp32 weights, bf16 matrix products), as training/pretrain.py
+    """A context factory: bf16 autocast (fp32 weights, bf16 matrix products), as training/pretrain/trainer.py
     gets from accelerate, or nothing for fp32."""
     if dtype == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
@@ -351,7 +351,7 @@ def parse_args(argv=None):
     parser.add_argument("--plain-loss", action="store_true", help="our model computes its loss from the full "
                         "logits, as GPT-2 does, instead of pretraining's chunked `skip_logits` loss")
     parser.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step, as "
-                        "training/pretrain.py accumulates up to batch_tokens (default: the training preset's)")
+                        "training/pretrain/trainer.py accumulates up to batch_tokens (default: the training preset's)")
     parser.add_argument("--grad-clip", type=float, default=1.0)
     parser.add_argument("--gen-batch", type=int, default=8, help="prompts generated together")
     parser.add_argument("--prompt-len", type=int, default=32)
@@ -488,7 +488,7 @@ def print_table(args, figures: dict) -> None:
     print(f"our output head + loss, forward + backward of one micro-batch: chunked (skip_logits) "
           f"{1000 * head['chunked']:.1f} ms, plain logits {1000 * head['plain']:.1f} ms: "
           f"{head['plain'] / head['chunked']:.2f}x faster")
-    print("model FLOP/s = training/evaluate.py flops_per_token (6 N + 12 L H D T) x tokens/s; MFU = that / the "
+    print("model FLOP/s = training/eval/bits_per_byte.py flops_per_token (6 N + 12 L H D T) x tokens/s; MFU = that / the "
           "device's dense bf16 peak" + ("" if ours["mfu"] is not None else
                                         " (n/a: known only for bf16 on the GPUs in PEAK_BF16_FLOPS)"))
 

@@ -25,12 +25,12 @@ EXTRA_MODULES: dict[str, str] = {
 
 # stage name -> (module, one-line help). Order is the order of the pipeline.
 STAGES: dict[str, tuple[str, str]] = {
-    "prepare": ("training.prepare", "tokenise a text source into train/val token shards, ahead of training"),
+    "prepare": ("training.data.prepare", "tokenise a text source into train/val token shards, ahead of training"),
     "train": ("training.pretrain", "pretrain a model on text (tiny preset: minutes on a CPU)"),
-    "generate": ("training.generate", "generate text from a run folder or model folder"),
-    "sft": ("training.sft", "supervised fine-tuning on conversations (TRL SFTTrainer)"),
-    "dpo": ("training.dpo", "preference optimisation on chosen/rejected pairs (TRL DPOTrainer)"),
-    "chat": ("training.chat", "talk to a chat model in the terminal"),
+    "generate": ("training.eval.generate", "generate text from a run folder or model folder"),
+    "sft": ("training.align.sft", "supervised fine-tuning on conversations (TRL SFTTrainer)"),
+    "dpo": ("training.align.dpo", "preference optimisation on chosen/rejected pairs (TRL DPOTrainer)"),
+    "chat": ("training.align.chat", "talk to a chat model in the terminal"),
     "eval": ("training.eval", "HellaSwag, bits per byte and reference figures for any model folder or hub id"),
     "explain": ("iterative_llm.explain", "walk a sentence through the model, step by step, with pictures"),
     "compare": ("iterative_llm.compare", "plot and tabulate several training runs side by side"),

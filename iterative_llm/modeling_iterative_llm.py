@@ -609,7 +609,7 @@ class IterativeLLMForCausalLM(IterativeLLMPreTrainedModel, GenerationMixin):
     def loss_from_hidden_states(self, hidden_states: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
         """The head and the causal-LM loss from the last hidden states (B, T, C), without the logits.
 
-        A method of its own so training can compile it apart from the blocks (training/step.py
+        A method of its own so training can compile it apart from the blocks (training/pretrain/step.py
         `compile_model`); kwargs carry `shift_labels` and `num_items_in_batch`.
         """
         return softcapped_linear_cross_entropy(

@@ -29,8 +29,28 @@ LOSS_CURVE = "loss_curve.png"
 CHECKPOINTS = "checkpoints"
 DATA = "data"
 LOGS = "logs"
+# In each checkpoint (training/pretrain/checkpoint.py writes them): its step, tokens and time, written
+# last, so a checkpoint is complete when this file is there.
+STATE_FILE = "trainer_state.json"
 
 
 def run_of_checkpoint(checkpoint: str | Path) -> Path:
     """The run folder that holds `checkpoint` (OUT/checkpoints/step_00001234 -> OUT)."""
     return Path(checkpoint).parent.parent
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None (the `latest` pointer's, else the last step's).
+    Here, with the run folder's layout, since training resumes from it and generate reads it."""
+    root = checkpoint_root(run_dir)
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text(encoding="utf-8").strip()
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    complete = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
+    return complete[-1] if complete else None

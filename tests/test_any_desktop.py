@@ -27,12 +27,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training import plan as plan_module
-from training import pretrain as pretrain_module
-from training.checkpoint import latest_checkpoint
-from training.config import build_config
-from training.pretrain import main as train_main, train
-from training.shards import ShardedDataset
+from training.pretrain import plan as plan_module
+from training.pretrain import trainer as pretrain_module
+from training.pretrain.checkpoint import latest_checkpoint
+from training.pretrain.config import build_config
+from training.pretrain.trainer import main as train_main, train
+from training.data.shards import ShardedDataset
 
 from tests.conftest import child_env
 from tests.pretrain.test_budget import big_text_dir, budget_settings  # noqa: F401  (big_text_dir is a fixture)
@@ -207,7 +207,7 @@ def test_the_data_grows_while_training_maps_it_without_touching_a_file_in_use(tm
 
 def _at_step(monkeypatch, step: int, action) -> None:
     """Call `action()` while step `step` (1-based) reads its batch."""
-    from training.batches import RandomWindowBatches
+    from training.data.batches import RandomWindowBatches
 
     original = RandomWindowBatches.batch_at
 
@@ -222,7 +222,7 @@ def _at_step(monkeypatch, step: int, action) -> None:
 
 def test_ctrl_break_stops_a_run_with_a_checkpoint(tmp_path, text_dir, monkeypatch):  # noqa: F811
     """Windows' Ctrl-Break is SIGBREAK, a signal Linux lacks: SIGUSR1 stands in for it there."""
-    from training import stop_request
+    from training.pretrain import stop_request
 
     if not hasattr(signal, "SIGBREAK"):
         monkeypatch.setattr(signal, "SIGBREAK", signal.SIGUSR1, raising=False)
@@ -240,7 +240,7 @@ def test_closing_the_console_window_waits_for_the_checkpoint(tmp_path, text_dir,
     (SetConsoleCtrlHandler cannot run here) and called as Windows would, from another thread."""
     import threading
 
-    from training import stop_request
+    from training.pretrain import stop_request
 
     handlers = []
     monkeypatch.setattr(stop_request, "set_console_handler", lambda handler: handlers.append(handler) or None)
@@ -274,7 +274,7 @@ def test_compile_names_the_compiler_a_machine_lacks(monkeypatch):
     import torch._inductor.cpp_builder as cpp_builder
     import torch.utils._triton as triton_check
 
-    from training.step import compile_problem
+    from training.pretrain.step import compile_problem
 
     def no_compiler():
         raise RuntimeError("no C++ compiler")
@@ -360,7 +360,7 @@ def test_paths_with_spaces_and_backslashes_train_stop_and_resume(tmp_path, text_
 
 
 def test_a_mistyped_windows_path_is_no_such_folder_not_a_hub_dataset(tmp_path):
-    from training.sources import iter_documents
+    from training.data.sources import iter_documents
 
     for typo in ("C:\\Users\\me\\bookz", "D:/books", "books\\mine", "\\\\server\\share\\books"):
         with pytest.raises(FileNotFoundError, match="no such file or folder"):

@@ -42,7 +42,7 @@ def test_every_option_of_every_command_takes_underscores_and_dashes(stage):
     if stage == "train":
         # train's --help lists each option once (tests/pretrain/test_pretrain.py checks that); its parser
         # takes the dashed alias unlisted.
-        from training.config import TrainConfig, _build_parser, to_dict
+        from training.pretrain.config import TrainConfig, _build_parser, to_dict
 
         spelled |= set(_build_parser(to_dict(TrainConfig()), "tiny")._option_string_actions)
     missing = sorted(
@@ -194,7 +194,7 @@ class _RecordingModel:
 
 @pytest.mark.parametrize("prompt_tokens, new_tokens", [(50, 30), (10, 150), (60, 100)])
 def test_continue_ids_gives_every_token_asked_for_within_the_context(model, prompt_tokens, new_tokens):
-    from training.generate import continue_ids
+    from training.eval.generate import continue_ids
 
     context = model.config.max_position_embeddings  # 64
     recorder = _RecordingModel(model)

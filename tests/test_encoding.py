@@ -176,7 +176,7 @@ def test_a_run_with_non_ascii_settings_data_and_samples_trains_resumes_and_expor
 
     from transformers import AutoTokenizer
 
-    from training.shards import ShardedDataset
+    from training.data.shards import ShardedDataset
 
     tokenizer = AutoTokenizer.from_pretrained(run)
     data = ShardedDataset.open(run / "data")

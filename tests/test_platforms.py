@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from training import machine
-from training.plan import GIB, Device, choose_precision, choose_tokenise_beside, estimate_micro_batch
+from training.pretrain.plan import GIB, Device, choose_precision, choose_tokenise_beside, estimate_micro_batch
 
 from tests.conftest import tiny_config
 
@@ -57,8 +57,8 @@ def test_a_macs_micro_batch_fits_what_metal_recommends_and_says_so(a_mac, monkey
 
 
 def test_on_a_mac_the_cpu_tokenises_beside_training_with_all_but_one_core(a_mac, monkeypatch):
-    from training.config import TrainConfig
-    from training.pretrain import set_up_threads
+    from training.pretrain.config import TrainConfig
+    from training.pretrain.trainer import set_up_threads
 
     device = Device.this_machine()
     assert choose_tokenise_beside(device, "auto").value is True  # the GPU trains; the CPU cores are free
@@ -78,9 +78,9 @@ def test_on_a_mac_the_cpu_tokenises_beside_training_with_all_but_one_core(a_mac,
 
 
 def test_a_run_on_a_mac_records_its_chip(monkeypatch):
-    from training.evaluate import hardware
+    from training.eval.bits_per_byte import hardware
 
-    monkeypatch.setattr("training.evaluate.cpu_name", lambda: "Apple M3 Max")
+    monkeypatch.setattr("training.eval.bits_per_byte.cpu_name", lambda: "Apple M3 Max")
     assert hardware(torch.device("mps"), 1) == "1 x Apple M3 Max GPU (MPS)"
 
 
@@ -109,7 +109,7 @@ def moved_to(a_mac, monkeypatch):
 
 def test_generate_chat_and_eval_run_on_the_apple_gpu_when_not_told(folder, moved_to, tmp_path, capsys):
     from iterative_llm.cli import main as cli_main
-    from training.chat import ChatArguments, load_chat_model
+    from training.align.chat import ChatArguments, load_chat_model
 
     assert cli_main(["generate", str(folder), "The", "--max_new_tokens", "2", "--temperature", "0"]) == 0
     assert moved_to == [torch.device("mps")]
@@ -130,7 +130,7 @@ def test_sft_and_dpo_train_in_bf16_only_where_the_device_computes_it_natively(mo
     import torch
 
     from training import machine
-    from training.alignment import resolve_device_defaults
+    from training.align.common import resolve_device_defaults
 
     class Args:
         bf16, fp16, gradient_checkpointing, use_cpu, dataloader_pin_memory = None, False, None, False, True

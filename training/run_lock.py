@@ -65,9 +65,8 @@ def hold(folder: str | Path, advice: str) -> Iterator[Path]:
         except filelock.Timeout:
             raise FolderInUse(f"{folder} is being written by {_describe(holder)}. {advice}") from None
     try:
-        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else "python"
         holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                                      "command": command}), encoding="utf-8")
+                                      "command": _command()}), encoding="utf-8")
         yield path
     finally:
         _remove(holder)
@@ -83,6 +82,18 @@ def hold(folder: str | Path, advice: str) -> Iterator[Path]:
                 folder.rmdir()
             except OSError:
                 pass  # not empty: the folder is in use
+
+
+def _command() -> str:
+    """The command as the user typed it: `iterative-llm train ...`, or `python -m training.pretrain ...`
+    (whose sys.argv[0] is only the package's __main__.py)."""
+    if not sys.argv:
+        return "python"
+    if Path(sys.argv[0]).name == "__main__.py" and getattr(sys, "orig_argv", None):
+        words = [Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]]
+    else:
+        words = [Path(sys.argv[0]).name, *sys.argv[1:]]
+    return " ".join(words)[:300]
 
 
 def _remove(path: Path) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from training.alignment import resolve_device_defaults
-from training.alignment_data import (
+from training.align.common import resolve_device_defaults
+from training.align.data import (
     DataArguments,
     load_preference_dataset,
     load_rows,
@@ -25,8 +25,8 @@ from training.alignment_data import (
     to_preference,
     to_preference_dataset,
 )
-from training.model_card import append_model_card_section
-from training.model_folder import load_tokenizer_with_template
+from training.align.model_card import append_model_card_section
+from training.align.model_folder import load_tokenizer_with_template
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers shared with the other alignment tests
@@ -244,8 +244,8 @@ def test_bad_input_fails_with_a_clear_message(tmp_path, tokenizer):
 def test_cpu_defaults_turn_off_bf16_and_checkpointing_unless_asked(monkeypatch):
     import torch
 
-    from training.dpo import DPOConfig
-    from training.sft import SFTConfig
+    from training.align.dpo import DPOConfig
+    from training.align.sft import SFTConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for config_class in (SFTConfig, DPOConfig):
@@ -270,7 +270,9 @@ def test_the_presets_and_defaults_give_no_deprecation_warning(stage, tmp_path, m
 
     import torch
 
-    from training import dpo, sft
+    from training.align import dpo
+
+    from training.align import sft
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     module = {"sft": sft, "dpo": dpo}[stage]

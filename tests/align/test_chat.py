@@ -12,7 +12,7 @@ import torch
 
 from iterative_llm.cli import main as cli_main
 from tests.align.test_alignment_data import save_model_folder
-from training.chat import ChatArguments, ChatSession, chat_loop, load_chat_model
+from training.align.chat import ChatArguments, ChatSession, chat_loop, load_chat_model
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,12 @@ from transformers import AutoModelForCausalLM, pipeline
 from trl import ModelConfig
 
 from tests.align.test_alignment_data import preference_pairs, save_model_folder, write_jsonl
-from training.alignment import peft_config_from
-from training.alignment_data import DataArguments, load_preference_dataset
-from training.dpo import DPOConfig, make_trainer, preference_logps, preference_stats
-from training.dpo import main as dpo_main
-from training.model_card import append_model_card_section
-from training.model_folder import load_starting_model
+from training.align.common import peft_config_from
+from training.align.data import DataArguments, load_preference_dataset
+from training.align.dpo import DPOConfig, make_trainer, preference_logps, preference_stats
+from training.align.dpo import main as dpo_main
+from training.align.model_card import append_model_card_section
+from training.align.model_folder import load_starting_model
 
 from tests.conftest import third_party_env
 

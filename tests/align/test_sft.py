@@ -19,9 +19,9 @@ from trl import ModelConfig
 from iterative_llm.cli import main as cli_main
 from iterative_llm.tokenization import ASSISTANT, END_OF_TURN
 from tests.align.test_alignment_data import qa_conversations, save_model_folder, write_jsonl
-from training.alignment_data import DataArguments, load_sft_dataset
-from training.model_folder import load_starting_model
-from training.sft import SFTConfig, SFTScriptArguments, end_of_turn_share, make_trainer
+from training.align.data import DataArguments, load_sft_dataset
+from training.align.model_folder import load_starting_model
+from training.align.sft import SFTConfig, SFTScriptArguments, end_of_turn_share, make_trainer
 
 from tests.conftest import third_party_env
 

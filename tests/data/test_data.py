@@ -1,4 +1,4 @@
-"""Tests for the data side: sources -> documents -> shards -> batches (training/sources.py,
+"""Tests for the data side: sources -> documents -> shards -> batches (training/data/sources.py,
 prepare.py, shards.py and batches.py).
 
 Every test builds its own small corpus in tmp_path; nothing needs the network.
@@ -18,11 +18,11 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from iterative_llm.tokenization import token_byte_lengths, tokenizer_fingerprint
-from training import prepare as data  # the prepare stage: its batching, its manifest name, its command line
-from training.batches import RandomWindowBatches, iter_eval_batches
-from training.prepare import prepare_shards
-from training.shards import ShardedDataset
-from training.sources import HubDatasetError, iter_documents
+from training.data import prepare as data# the prepare stage: its batching, its manifest name, its command line
+from training.data.batches import RandomWindowBatches, iter_eval_batches
+from training.data.prepare import prepare_shards
+from training.data.shards import ShardedDataset
+from training.data.sources import HubDatasetError, iter_documents
 
 from tests.conftest import posix_only
 
@@ -676,8 +676,8 @@ def test_the_decode_choice_changes_nothing_for_utf8_text_so_its_shards_are_reuse
 def test_train_takes_the_decode_choice_and_refuses_an_unknown_one(latin1_folder, tmp_path, capsys):
     import yaml
 
-    from training.config import parse_args
-    from training.pretrain import main
+    from training.pretrain.config import parse_args
+    from training.pretrain.trainer import main
 
     from tests.pretrain.test_pretrain import settings
 

@@ -11,18 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from training import plan as plan_module
-from training import prepare as prepare_module
-from training import pretrain as pretrain_module
-from training.budget import TimeBudget
-from training.checkpoint import STATE_FILE, latest_checkpoint
-from training.config import build_config
-from training.plan import Device, choose_tokenise_beside, fit_run
-from training.prepare import prepare_shards
-from training.guards import TrainingError
-from training.pretrain import train
-from training.shards import ShardedDataset
-from training.tokenise_beside import TokeniserBeside, TokenisingFailed
+from training.pretrain import plan as plan_module
+from training.data import prepare as prepare_module
+from training.pretrain import trainer as pretrain_module
+from training.pretrain.budget import TimeBudget
+from training.pretrain.checkpoint import STATE_FILE, latest_checkpoint
+from training.pretrain.config import build_config
+from training.pretrain.plan import Device, choose_tokenise_beside, fit_run
+from training.data.prepare import prepare_shards
+from training.pretrain.guards import TrainingError
+from training.pretrain.trainer import train
+from training.data.shards import ShardedDataset
+from training.data.tokenise_beside import TokeniserBeside, TokenisingFailed
 
 from tests.pretrain.test_budget import CARDS, big_text_dir, budget_settings  # noqa: F401  (big_text_dir is a fixture)
 from tests.pretrain.test_pretrain import settings

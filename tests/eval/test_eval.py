@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from iterative_llm.cli import main as cli_main
-from training.config import build_config
-from training.evaluate import text_bits_per_byte, window_plan
-from training.multiple_choice import HELLASWAG_REFERENCES, hellaswag_in_run, load_items, score_hellaswag, to_item
-from training.pretrain import train
+from training.pretrain.config import build_config
+from training.eval.bits_per_byte import text_bits_per_byte, window_plan
+from training.eval.hellaswag import HELLASWAG_REFERENCES, hellaswag_in_run, load_items, score_hellaswag, to_item
+from training.pretrain.trainer import train
 
 from tests.conftest import third_party_env, tiny_model
 from tests.pretrain.test_pretrain import settings, text_dir  # noqa: F401  (a fixture)

@@ -16,7 +16,7 @@ import torch
 
 from benchmarks.throughput import Contestant
 from iterative_llm import IterativeLLMForCausalLM
-from training.optim import build_optimizers
+from training.pretrain.optim import build_optimizers
 
 from tests.conftest import skip_unless_compile_works, tiny_config
 
@@ -91,7 +91,7 @@ def model_folder(tmp_path_factory, tokenizer) -> Path:
 
 
 def test_generate_with_a_static_cache_writes_the_dynamic_cache_text(model_folder, capsys):
-    from training.generate import main as generate_main
+    from training.eval.generate import main as generate_main
 
     texts = {}
     for cache in ("dynamic", "static"):
@@ -102,7 +102,7 @@ def test_generate_with_a_static_cache_writes_the_dynamic_cache_text(model_folder
 
 
 def test_generate_refuses_compile_with_the_dynamic_cache(model_folder, capsys):
-    from training.generate import main as generate_main
+    from training.eval.generate import main as generate_main
 
     with pytest.raises(SystemExit) as exit_info:
         generate_main([str(model_folder), "The cat", "--compile", "--cache", "dynamic"])

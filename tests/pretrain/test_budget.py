@@ -9,16 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import budget as budget_module
-from training import ladder, plan as plan_module
-from training.budget import TimeBudget, parse_duration
-from training.config import build_config, parse_args
-from training.plan import (
+from training.pretrain import budget as budget_module
+from training.pretrain import ladder
+from training.pretrain import plan as plan_module
+from training.pretrain.budget import TimeBudget, parse_duration
+from training.pretrain.config import build_config, parse_args
+from training.pretrain.plan import (
     GIB, Device, choose_precision, estimate_micro_batch, largest_micro_batch_that_runs, memory_for_training,
 )
-from training.prepare import prepare_shards
-from training.pretrain import main as train_main, train
-from training.shards import ShardedDataset
+from training.data.prepare import prepare_shards
+from training.pretrain.trainer import main as train_main, train
+from training.data.shards import ShardedDataset
 
 from tests.conftest import tiny_config
 from tests.pretrain.test_pretrain import settings
@@ -80,7 +81,7 @@ def test_the_training_time_gives_way_to_what_ran_long():
 
 
 def test_a_time_budget_bounds_the_whole_command_and_the_summary_has_its_phases(tmp_path, big_text_dir, monkeypatch):
-    from training.pretrain import Run
+    from training.pretrain.trainer import Run
 
     # Evaluations during training that take 1 s longer than planned: training must give way.
     slow_evaluate = Run.evaluate
@@ -177,7 +178,7 @@ def test_a_resumed_run_with_more_time_tokenises_more(tmp_path, big_text_dir, mon
 
 
 def test_a_budget_on_a_hub_dataset_reads_only_what_it_needs(tmp_path, monkeypatch):
-    """The hub path (training/sources.py `_hub_documents`) with a local `datasets` dataset in place of
+    """The hub path (training/data/sources.py `_hub_documents`) with a local `datasets` dataset in place of
     the network: a budgeted run stops reading the stream once it has the tokens it will train on."""
     import datasets
     import random
@@ -364,8 +365,8 @@ def test_the_micro_batch_backs_off_under_a_memory_limit():
 
 def test_fp16_loss_scaling_steps_as_plain_training_does():
     from iterative_llm import IterativeLLMForCausalLM
-    from training.optim import build_optimizers
-    from training.step import train_step
+    from training.pretrain.optim import build_optimizers
+    from training.pretrain.step import train_step
 
     def one_step(scaler):
         torch.manual_seed(0)
@@ -420,7 +421,7 @@ def test_a_card_that_only_emulates_bf16_trains_in_fp16(monkeypatch):
     """A T4 or V100: torch.cuda.is_bf16_supported() says yes by default (emulated, slow); the plan must not."""
     from types import SimpleNamespace
 
-    from training.plan import Device, choose_precision
+    from training.pretrain.plan import Device, choose_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties",

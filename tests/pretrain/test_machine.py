@@ -239,7 +239,7 @@ def test_an_apple_gpu_gets_metals_share_of_the_memory_it_shares(monkeypatch):
 
 
 def test_the_start_time_is_read_from_proc_on_linux(tmp_path, monkeypatch):
-    from training import budget
+    from training.pretrain import budget
 
     stat, uptime = tmp_path / "stat", tmp_path / "uptime"
     ticks = budget.os.sysconf("SC_CLK_TCK")
@@ -260,7 +260,7 @@ def test_without_proc_the_start_time_comes_from_psutil_and_a_long_lived_process_
 
     import psutil
 
-    from training import budget
+    from training.pretrain import budget
 
     monkeypatch.setattr(budget, "PROC_STAT", str(tmp_path / "no_proc" / "stat"))  # Windows, macOS
     started_at = [budget.time.time() - 5.0]

@@ -11,7 +11,7 @@ import random
 import shutil
 from pathlib import Path
 
-from training.pretrain import main as train_main
+from training.pretrain.trainer import main as train_main
 
 OLD_RUN = Path(__file__).resolve().parents[1] / "fixtures" / "run_e92574a"
 

@@ -1,4 +1,4 @@
-"""Tests for training/optim.py: Muon, parameter groups, schedules, optimizer checkpoints.
+"""Tests for training/pretrain/optim.py: Muon, parameter groups, schedules, optimizer checkpoints.
 
 The model here is a stand-in with the shape of a Hugging Face causal LM's API (an embedding,
 blocks of nn.Linear + a norm with a 1-D weight, a head, get_input/output_embeddings), so these
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from training import machine
-from training.optim import (
+from training.pretrain.optim import (
     Float32Muon,
     apply_lr,
     apply_muon_momentum,

@@ -17,13 +17,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from iterative_llm.tokenization import token_byte_lengths
-from training import checkpoint as checkpoint_module
-from training.batches import RandomWindowBatches
-from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from training.config import build_config, parse_args
-from training.evaluate import evaluate, flops_per_token
-from training.pretrain import TrainingError, train
-from training.shards import ShardedDataset
+from training.pretrain import checkpoint as checkpoint_module
+from training.data.batches import RandomWindowBatches
+from training.pretrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from training.pretrain.config import build_config, parse_args
+from training.eval.bits_per_byte import evaluate, flops_per_token
+from training.pretrain.trainer import TrainingError, train
+from training.data.shards import ShardedDataset
 
 from tests.conftest import child_env, posix_only, process_alive, run_process_tree, tiny_config, tiny_model
 
@@ -85,7 +85,7 @@ def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path, text_di
 
 
 def test_generate_command_reads_a_run_folder(tmp_path, text_dir, capsys):
-    from training.generate import main as generate_main
+    from training.eval.generate import main as generate_main
 
     run = tmp_path / "run"
     train(build_config(settings(text_dir, run, max_steps=4, eval_every=0)))
@@ -125,7 +125,7 @@ def test_prepare_makes_the_tokenizer_and_shards_that_train_then_uses_as_they_are
     its own, and says how to train on it; that command trains without tokenising anything again."""
     import yaml
 
-    from training import prepare
+    from training.data import prepare
 
     shards = tmp_path / "shards"
     assert prepare.main([str(text_dir), str(shards), "--vocab_size", "320", "--val_fraction", "0.1"]) == 0
@@ -236,7 +236,7 @@ KILL_LOOP = textwrap.dedent(
     import sys, torch
     sys.path.insert(0, sys.argv[2])
     from tests.conftest import tiny_model
-    from training.checkpoint import save_checkpoint
+    from training.pretrain.checkpoint import save_checkpoint
     model = tiny_model(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, vocab_size=2048)
     optimizers = [torch.optim.AdamW(model.parameters())]
     model(torch.ones(1, 2, dtype=torch.long)).logits.sum().backward(); optimizers[0].step()
@@ -318,7 +318,7 @@ def test_a_full_disk_is_recognised_through_the_errors_torch_and_safetensors_wrap
 
 def test_full_disk_during_the_export_keeps_the_model_folder_and_the_checkpoint(tmp_path, text_dir, monkeypatch, capsys):
     from iterative_llm import IterativeLLMForCausalLM
-    from training.pretrain import main
+    from training.pretrain.trainer import main
 
     run = tmp_path / "run"
     train(build_config(settings(text_dir, run, max_steps=2, eval_every=0)))
@@ -370,7 +370,7 @@ class RunsCode:
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, text_dir, capsys):
-    from training.pretrain import main
+    from training.pretrain.trainer import main
 
     run = tmp_path / "run"
     train(build_config(settings(text_dir, run, max_steps=2, eval_every=0)))
@@ -387,7 +387,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
 def test_checkpoints_of_every_earlier_version_still_load(tmp_path):
     """Checkpoints have always held the numpy RNG state (an ndarray) and, before torch.optim.Muon, our
     Muon's groups with an "ns_dtype" (a torch.dtype): both load without unpickling code."""
-    from training.optim import build_optimizers
+    from training.pretrain.optim import build_optimizers
 
     model = tiny_model()
     optimizers = build_optimizers(model)
@@ -410,7 +410,7 @@ def test_checkpoints_of_every_earlier_version_still_load(tmp_path):
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, text_dir, capsys):
-    from training.pretrain import main
+    from training.pretrain.trainer import main
 
     run = tmp_path / "run"
     train(build_config(settings(text_dir, run, max_steps=4, eval_every=0, checkpoint_every=2)))
@@ -432,7 +432,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, tex
 
 
 def test_resume_never_deletes_a_damaged_checkpoint(tmp_path, capsys):
-    from training.checkpoint import resume_checkpoint
+    from training.pretrain.checkpoint import resume_checkpoint
 
     model = tiny_model()
     optimizers = [torch.optim.AdamW(model.parameters())]
@@ -549,7 +549,7 @@ def stop_at(monkeypatch, step: int) -> None:
 def test_resume_continues_with_the_runs_own_settings(tmp_path, text_dir, monkeypatch, capsys):
     import yaml
 
-    from training.pretrain import main
+    from training.pretrain.trainer import main
 
     run = tmp_path / "run"
     values = settings(text_dir, run, max_steps=6, eval_every=0)
@@ -581,7 +581,7 @@ def test_resume_continues_with_the_runs_own_settings(tmp_path, text_dir, monkeyp
 def test_a_resume_that_extends_the_run_records_it(tmp_path, text_dir):
     import yaml
 
-    from training.pretrain import main
+    from training.pretrain.trainer import main
 
     run = tmp_path / "run"
     train(build_config(settings(text_dir, run, max_steps=3, eval_every=0)))
@@ -605,7 +605,7 @@ def test_shards_of_other_data_are_never_advised_away(tmp_path, text_dir, corpus)
 
 
 def test_a_failed_start_leaves_no_run_folder(tmp_path, capsys):
-    from training.pretrain import main
+    from training.pretrain.trainer import main
 
     empty = tmp_path / "empty.txt"
     empty.write_text("", encoding="utf-8")
@@ -647,7 +647,7 @@ def test_help_describes_each_option_once_with_the_default_that_applies(capsys):
     import dataclasses
     import re
 
-    from training.config import SECTIONS, TrainConfig, load_preset
+    from training.pretrain.config import SECTIONS, TrainConfig, load_preset
 
     def entries(text: str) -> dict[str, str]:
         """option -> its help, one entry per listed option."""
@@ -688,8 +688,8 @@ def test_tensorboard_logs_go_where_the_readme_says(tmp_path, text_dir):
 def test_one_way_of_sampling_and_of_stopping(tmp_path, text_dir, monkeypatch):
     """The exported folder's generation_config, `iterative-llm generate` and the samples logged in training
     sample alike (temperature 0.8, top-k 50), and the folder stops at end-of-text and at `<|end|>`."""
-    import training.generate
-    from training.evaluate import sample
+    import training.eval.generate
+    from training.eval.bits_per_byte import sample
 
     run = tmp_path / "run"
     train(build_config(settings(text_dir, run, max_steps=2, eval_every=0)))
@@ -697,7 +697,7 @@ def test_one_way_of_sampling_and_of_stopping(tmp_path, text_dir, monkeypatch):
     tokenizer = AutoTokenizer.from_pretrained(run)
     assert (saved["temperature"], saved["top_k"], saved["do_sample"]) == (0.8, 50, True)
     assert saved["eos_token_id"] == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")]
-    options = training.generate.build_parser().parse_args([str(run)])
+    options = training.eval.generate.build_parser().parse_args([str(run)])
     assert (options.temperature, options.top_k) == (0.8, 50)
 
     asked = {}
@@ -706,6 +706,6 @@ def test_one_way_of_sampling_and_of_stopping(tmp_path, text_dir, monkeypatch):
         asked.update(kwargs)
         return [[]], None
 
-    monkeypatch.setattr(training.generate, "continue_ids", continue_ids)
+    monkeypatch.setattr(training.eval.generate, "continue_ids", continue_ids)
     sample(AutoModelForCausalLM.from_pretrained(run), tokenizer, ["The cat"], max_new_tokens=2)
     assert (asked["temperature"], asked["top_k"], asked["do_sample"]) == (0.8, 50, True)

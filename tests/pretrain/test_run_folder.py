@@ -2,8 +2,8 @@
 from the run, and the run from the checkpoint (generate reads the tokenizer from the run)."""
 
 from iterative_llm import run_folder
-from training.checkpoint import checkpoint_root
-from training.generate import find_model_folder
+from training.pretrain.checkpoint import checkpoint_root
+from training.eval.generate import find_model_folder
 
 
 def test_a_checkpoint_folder_reads_its_tokenizer_from_the_run(tmp_path):

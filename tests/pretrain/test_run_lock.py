@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training import prepare
-from training.checkpoint import latest_checkpoint
+from training.data import prepare
+from training.pretrain.checkpoint import latest_checkpoint
 from training.run_lock import LOCK_FILE, FolderInUse, hold
 
 from tests.conftest import child_env, process_alive
@@ -97,7 +97,7 @@ def test_prepare_refuses_a_folder_another_process_writes(tmp_path, holder, text_
 
 
 def test_a_data_cache_being_prepared_is_not_prepared_twice(tmp_path, holder, text_dir, capsys):  # noqa: F811
-    from training.pretrain import main
+    from training.pretrain.trainer import main
 
     cache = tmp_path / "cache"
     first = holder(cache)
@@ -114,7 +114,7 @@ def test_a_data_cache_being_prepared_is_not_prepared_twice(tmp_path, holder, tex
 
 def test_a_second_training_into_a_run_folder_is_refused_until_the_first_is_killed(tmp_path, text_dir, capsys):  # noqa: F811
     """The issue's case: a run going, and `train --out RUN --resume` started beside it."""
-    from training.pretrain import main
+    from training.pretrain.trainer import main
 
     run = tmp_path / "run"
     config = tmp_path / "run.yaml"
@@ -132,7 +132,7 @@ def test_a_second_training_into_a_run_folder_is_refused_until_the_first_is_kille
         capsys.readouterr()
         assert main(["--out", str(run), "--resume", "--max_steps", "4"]) == 1
         error = capsys.readouterr().err
-        assert f"{run} is being written by process {first.pid}" in error and "pretrain.py --config" in error
+        assert f"{run} is being written by process {first.pid}" in error and "-m training.pretrain --config" in error
         assert "choose another --out" in error
         kill_9(first)
     finally:

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from training import pretrain
-from training.config import build_config
-from training.pretrain import TrainingError, train
+from training.pretrain import trainer as pretrain
+from training.pretrain.config import build_config
+from training.pretrain.trainer import TrainingError, train
 
 from tests.pretrain.test_pretrain import settings, text_dir  # noqa: F401  (text_dir is a fixture)
 from tests.conftest import skip_unless_compile_works
@@ -88,8 +88,8 @@ def test_a_time_budget_is_training_time_with_compilation_before_the_clock(tmp_pa
 def test_validation_attends_within_documents_when_training_does(tmp_path, text_dir):  # noqa: F811
     """With document_masking, training's batches restart positions at every document (so attention
     stays inside it); validation must score the same way, or its loss measures another model."""
-    from training.batches import iter_eval_batches
-    from training.shards import ShardedDataset
+    from training.data.batches import iter_eval_batches
+    from training.data.shards import ShardedDataset
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "run"

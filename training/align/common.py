@@ -1,10 +1,10 @@
-"""What `training/sft.py` and `training/dpo.py` share: the command line, the hardware-dependent defaults,
+"""What `training/align/sft.py` and `training/align/dpo.py` share: the command line, the hardware-dependent defaults,
 and the steps of `run()` around each script's own trainer and evaluation.
 
 Both scripts keep the shape of TRL's `trl/scripts/sft.py` and `dpo.py` (dataclass arguments, `TrlParser`,
 `run()`, `main()`) and read top to bottom; what is the same in both lives here once, so the two cannot
-drift apart. Their data shapes are in `training/alignment_data.py`, reading and writing model
-folders in `training/model_folder.py`.
+drift apart. Their data shapes are in `training/align/data.py`, reading and writing model
+folders in `training/align/model_folder.py`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 
 from iterative_llm.command_line import parse_command_line
-from training.model_card import append_model_card_section
-from training.model_folder import (
+from training.align.model_card import append_model_card_section
+from training.align.model_folder import (
     default_output_dir,
     load_starting_model,
     read_model_card,

@@ -2,11 +2,11 @@
 
     iterative-llm dpo --model_name_or_path runs/NAME-sft --dataset_name pairs.jsonl.gz --output_dir runs/NAME-dpo
     iterative-llm dpo --config training/presets/dpo-tiny.yaml --max_steps 50
-    accelerate launch -m training.dpo --config ...
+    accelerate launch -m training.align.dpo --config ...
 
-The same shape as `training/sft.py` (and TRL's `trl/scripts/dpo.py`), sharing its data loading
-(`training/alignment_data.py`), model-folder handling (`training/model_folder.py`) and the steps of
-`run()` and `main()` (`training/alignment.py`). What differs:
+The same shape as `training/align/sft.py` (and TRL's `trl/scripts/dpo.py`), sharing its data loading
+(`training/align/data.py`), model-folder handling (`training/align/model_folder.py`) and the steps of
+`run()` and `main()` (`training/align/common.py`). What differs:
 - pairs in any common shape, Anthropic HH transcripts included (the turns both continuations share
   become the prompt);
 - the reference model is the starting checkpoint itself: a frozen copy of the weights the policy
@@ -33,8 +33,8 @@ import trl
 from trl import DPOTrainer, ModelConfig, TrlParser
 
 from iterative_llm.console import make_output_safe
-from training.alignment import DeviceDefaults, card_rows, finish, load_inputs, peft_config_from, run_script, timed_train
-from training.alignment_data import DataArguments, load_preference_dataset
+from training.align.common import DeviceDefaults, card_rows, finish, load_inputs, peft_config_from, run_script, timed_train
+from training.align.data import DataArguments, load_preference_dataset
 
 
 @dataclass

@@ -2,11 +2,11 @@
 
     tokenizer_for(source, out)          the given tokenizer, the one already in OUT/tokenizer, or a new one
     prepare_shards(source, tok, out)    tokenise once into compact shards, split train/val by document
-    iterative-llm prepare SOURCE OUT_DIR   both from the command line (also `python -m training.prepare`);
+    iterative-llm prepare SOURCE OUT_DIR   both from the command line (also `python -m training.data.prepare`);
                                         `iterative-llm train --data SOURCE --data_cache OUT_DIR` then
                                         trains on them without preparing again
 
-The shards are written in the format that training/shards.py describes and reads.
+The shards are written in the format that training/data/shards.py describes and reads.
 
 Notable choices:
 - Text is tokenised as plain text: a document that contains the string "<|endoftext|>" or a chat
@@ -51,10 +51,10 @@ from iterative_llm.tokenization import (
     train_tokenizer,
 )
 
-from .run_lock import hold
-from .shards import FORMAT_VERSION, MANIFEST, SPLITS, ShardedDataset, read_manifest
-from .sources import BUILTIN_PYTHON_DOCS, ON_DECODE_ERROR, describe_source, iter_documents
-from .versions import package_versions
+from training.run_lock import hold
+from training.data.shards import FORMAT_VERSION, MANIFEST, SPLITS, ShardedDataset, read_manifest
+from training.data.sources import BUILTIN_PYTHON_DOCS, ON_DECODE_ERROR, describe_source, iter_documents
+from training.versions import package_versions
 
 # How much text goes to the tokenizer at once: enough for the Rust backend to keep every core busy,
 # small enough that memory stays flat and the progress bar moves.
@@ -140,11 +140,11 @@ def prepare_shards(
     `max_documents` caps what is read from each source; `max_tokens` (boundary tokens included)
     what is read from `source`, validation included when split from it: a separate `val_source` is
     held-out text, read whole, so that runs that read different amounts are scored on the same text.
-    `on_decode_error` says what a file that is not UTF-8 does (training/sources.py); the files that were
+    `on_decode_error` says what a file that is not UTF-8 does (training/data/sources.py); the files that were
     decoded with U+FFFD or skipped are counted in the manifest, and said.
     A finished `out_dir` made with the same settings is reused; an interrupted one is resumed.
 
-    For tokenising beside training (training/tokenise_beside.py): `stop`, once set, ends the reading
+    For tokenising beside training (training/data/tokenise_beside.py): `stop`, once set, ends the reading
     of `source` at the next document's end as a cap would (the folder is finished, and a later call
     extends it from there); `on_commit(manifest)` is called each time shards are committed, with the
     manifest that lists them, so that training can read them while the rest is tokenised.

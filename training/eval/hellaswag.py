@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from iterative_llm.console import progress_bar
 
-from .sources import jsonl_records
+from training.data.sources import jsonl_records
 
 # (model, HellaSwag acc_norm, how it was scored and where the figure comes from). Only the first is
 # scored exactly as here (lm-eval-harness); llm.c divides by the ending's tokens, not characters, and

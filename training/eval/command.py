@@ -6,7 +6,7 @@
 Each MODEL is a run folder, a model folder, or a Hugging Face hub id. The command prints one table,
 a column per model:
   - `--hellaswag`: HellaSwag acc and acc_norm, zero-shot, scored as lm-eval-harness scores it
-    (training/multiple_choice.py), with published figures of GPT-2-sized models beside them;
+    (training/eval/hellaswag.py), with published figures of GPT-2-sized models beside them;
   - `--text`: bits per byte on any text (files, folders or a hub dataset, as `train --data` takes
     them), each model with its own tokenizer, so models with different vocabularies compare.
 
@@ -27,9 +27,9 @@ import torch
 from iterative_llm.command_line import CommandParser, parse_command_line
 from iterative_llm.console import make_output_safe
 
-from .machine import default_device
-from .multiple_choice import HELLASWAG_REFERENCES, HellaSwagError, load_items, model_max_length, score_hellaswag
-from .sources import iter_documents
+from training.machine import default_device
+from training.eval.hellaswag import HELLASWAG_REFERENCES, HellaSwagError, load_items, model_max_length, score_hellaswag
+from training.data.sources import iter_documents
 
 
 class EvalInputError(ValueError):
@@ -84,7 +84,7 @@ def load_model(name: str, *, device: torch.device, dtype: torch.dtype, trust_rem
 
     import iterative_llm  # noqa: F401  (registers our model with the Auto classes)
 
-    from .generate import find_model_folder
+    from training.eval.generate import find_model_folder
 
     path = Path(name).expanduser()
     if path.exists():
@@ -140,7 +140,7 @@ def evaluate_models(args: EvalArguments) -> dict:
             figures.update(hellaswag_acc=scores["acc"], hellaswag_acc_norm=scores["acc_norm"],
                            hellaswag_items=scores["items"])
         if documents:
-            from .evaluate import text_bits_per_byte
+            from training.eval.bits_per_byte import text_bits_per_byte
 
             window = min(args.window or context, context)
             try:

@@ -5,15 +5,15 @@
     torchrun --nproc_per_node 2 -m training.pretrain ...   # data parallel, CPU (gloo) or GPU
 
 Reads top to bottom: `train` = `set_up` (processes -> run folder -> tokenizer -> the plan fitted to the
-machine and the time (training/plan.py) -> the data it needs (training/prepare.py) -> model ->
+machine and the time (training/pretrain/plan.py) -> the data it needs (training/data/prepare.py) -> model ->
 optimizers -> resume) -> warm-up of the compiled model -> `train_loop` (schedule, one `train_step`
-(training/step.py), log, evaluate, checkpoint) -> `finish` (final evaluation, export).
+(training/pretrain/step.py), log, evaluate, checkpoint) -> `finish` (final evaluation, export).
 
-`--time_budget 2h` bounds the whole command (training/budget.py): the plan sizes the data and the
-model (`--preset auto`, training/ladder.py) to it, and the schedule follows the clock, so that the
+`--time_budget 2h` bounds the whole command (training/pretrain/budget.py): the plan sizes the data and the
+model (`--preset auto`, training/pretrain/ladder.py) to it, and the schedule follows the clock, so that the
 cool-down and the model folder come in time.
 
-The recipe, each part a setting in training/config.py and measured in benchmarks/pretrain_recipe.py:
+The recipe, each part a setting in training/pretrain/config.py and measured in benchmarks/pretrain_recipe.py:
 - Muon for the hidden weight matrices, AdamW for embedding, head and vectors (Keller Jordan's
   modded-nanogpt records, 2024; nanochat), with plain AdamW + cosine available as the baseline.
 - Warmup / stable / linear cool-down schedule (modded-nanogpt; Hägele et al. 2024) that follows the
@@ -21,8 +21,8 @@ The recipe, each part a setting in training/config.py and measured in benchmarks
 - bf16 autocast on GPUs, optional torch.compile, gradient accumulation to a batch size in tokens,
   gradient clipping, optional document masking for packed sequences.
 
-What stops a run early instead of letting it spend a GPU's hours is in training/guards.py; the
-compiled-gradient check runs in the warm-up (training/step.py).
+What stops a run early instead of letting it spend a GPU's hours is in training/pretrain/guards.py; the
+compiled-gradient check runs in the warm-up (training/pretrain/step.py).
 """
 
 from __future__ import annotations
@@ -45,35 +45,35 @@ from iterative_llm.command_line import shell_word
 from iterative_llm.console import make_output_safe, progress_bar
 from iterative_llm.tokenization import check_tokenizer_matches_model, token_byte_lengths
 
-from . import ladder
-from .batches import RandomWindowBatches
-from .budget import TimeBudget, format_seconds, parse_duration, process_start_time
-from .checkpoint import STATE_FILE, CheckpointError, latest_checkpoint, resume_checkpoint, save_checkpoint
+from training.pretrain import ladder
+from training.data.batches import RandomWindowBatches
+from training.pretrain.budget import TimeBudget, format_seconds, parse_duration, process_start_time
+from training.pretrain.checkpoint import STATE_FILE, CheckpointError, latest_checkpoint, resume_checkpoint, save_checkpoint
 # build_parser: every stage module has one (`iterative-llm train`'s lives in config.py).
-from .config import (  # noqa: F401
+from training.pretrain.config import (  # noqa: F401
     TrainConfig, build_parser, parse_args, scalar_settings, source_share_trained, token_caps, write_run_config,
 )
-from .evaluate import evaluate, flops_per_token, hardware, peak_flops, sample
-from .export import export_model_folder
-from .guards import LearningCheck, TrainingError, check_loss_finite, check_model_settings, check_resume_settings
-from .machine import choose_threads, cpu_description
-from .multiple_choice import hellaswag_in_run
-from .plan import (
+from training.eval.bits_per_byte import evaluate, flops_per_token, hardware, peak_flops, sample
+from training.pretrain.export import export_model_folder
+from training.pretrain.guards import LearningCheck, TrainingError, check_loss_finite, check_model_settings, check_resume_settings
+from training.machine import choose_threads, cpu_description
+from training.eval.hellaswag import hellaswag_in_run
+from training.pretrain.plan import (
     BESIDE_FIRST_SECONDS, BESIDE_SHARD_SECONDS, DATA_MARGIN, EXTEND_AHEAD, Device, Plan, choose_precision, fit_run,
     measure_encode_rate, tokenizer_chars,
 )
-from .optim import apply_lr, apply_muon_momentum, build_optimizers, lr_multiplier, muon_momentum
-from .prepare import ShardSettingsError, prepare_shards, tokenizer_for
-from .run_lock import FolderInUse, hold
-from .shards import MANIFEST, ShardedDataset
-from .sources import iter_documents
-from .stop_request import StopRequest
-from .step import (
+from training.pretrain.optim import apply_lr, apply_muon_momentum, build_optimizers, lr_multiplier, muon_momentum
+from training.data.prepare import ShardSettingsError, prepare_shards, tokenizer_for
+from training.run_lock import FolderInUse, hold
+from training.data.shards import MANIFEST, ShardedDataset
+from training.data.sources import iter_documents
+from training.pretrain.stop_request import StopRequest
+from training.pretrain.step import (
     compile_model, compile_problem, eagerly, micro_steps, to_model_inputs, train_step, uncompile_model,
     warm_up_compiled,
 )
-from .tokenise_beside import TokeniserBeside, TokenisingFailed
-from .versions import package_versions
+from training.data.tokenise_beside import TokeniserBeside, TokenisingFailed
+from training.versions import package_versions
 
 # The process group of a data-parallel run is never freed in Python. Freeing it (when the DDP model
 # that holds it goes) joins gloo's worker threads, and one of them may still be waiting for the GIL,
@@ -145,7 +145,7 @@ def _train(config: TrainConfig, model_factory=None, started: float | None = None
         run = set_up(config, model_factory, budget)
 
     # On an accelerator, a thread tokenises the rest of the data from here on, beside the compile and
-    # the steps (training/tokenise_beside.py); it ends with training, before the final evaluation and
+    # the steps (training/data/tokenise_beside.py); it ends with training, before the final evaluation and
     # the export.
     run.start_tokenising_beside()
     try:
@@ -281,12 +281,12 @@ class Run:
     def extend_the_data(self) -> None:
         """Under a time budget, at a log row: when the shards hold less than training will read in
         the next EXTEND_AHEAD seconds at the speed it has had (the probe said slower, or a resumed run
-        got longer), they are extended from where they stopped (training/prepare.py) to what it will
+        got longer), they are extended from where they stopped (training/data/prepare.py) to what it will
         read in twice that, and training goes on over the longer split. A little at a time, since
         the steps left are only known as the run goes (evaluations, a busier machine), and tokenising
         costs the same in pieces; the pause is the clock's like any other.
 
-        Tokenised beside training (an accelerator's run: training/tokenise_beside.py), there is no
+        Tokenised beside training (an accelerator's run: training/data/tokenise_beside.py), there is no
         pause: training takes up here the shards the thread has committed since the last log row, and
         the thread is started again, for the rest of the run, when it has finished and the run wants
         more than it was asked for. A failure to read more data checkpoints the run, then stops it."""
@@ -584,8 +584,8 @@ def _micro_batches(config: TrainConfig, train_split, accumulation: int, accelera
 
 def _planned_data(config: TrainConfig, accelerator, out: Path, say, machine: Device, budget: TimeBudget,
                   trained_before: int = 0):
-    """The tokenizer, the plan (training/plan.py: fitted to the machine, and under --time_budget the
-    model size and the tokens to prepare), and the train and validation token shards (training/prepare.py
+    """The tokenizer, the plan (training/pretrain/plan.py: fitted to the machine, and under --time_budget the
+    model size and the tokens to prepare), and the train and validation token shards (training/data/prepare.py
     makes them on the main process, tokenising what the plan asks for, and reuses or extends them
     after). A start that fails here removes the folders it made."""
     main_process = accelerator.is_main_process
@@ -730,7 +730,7 @@ def train_loop(run: Run) -> str | None:
     the signal's name for Ctrl-C or SIGTERM, "closing the console window" ..., else None."""
     config, state, accelerator = run.config, run.state, run.accelerator
     # Ctrl-C, SIGTERM (and on Windows Ctrl-Break and closing the window) ask the loop to checkpoint
-    # and stop at the end of the current step (training/stop_request.py).
+    # and stop at the end of the current step (training/pretrain/stop_request.py).
     with StopRequest() as stop_request:
         bar = _steps_bar(config, run.main_process, state["step"], run.accumulation, run.world_size)
         log = _TrainingLog(run, bar)

@@ -2,7 +2,7 @@
 its budget: settings that cannot work, a resume that would not continue the same run, a loss that
 is not a number, and a run that is not learning (issue 14: a GPU run trained for its whole budget on
 zero gradients, and nothing said so). The compiled-gradient check lives with the compiled step
-(training/step.py `warm_up_compiled`).
+(training/pretrain/step.py `warm_up_compiled`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 from iterative_llm import IterativeLLMConfig, run_folder
 
-from .checkpoint import CheckpointError, latest_checkpoint
+from training.pretrain.checkpoint import CheckpointError, latest_checkpoint
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
+    from training.pretrain.config import TrainConfig
 
 
 class TrainingError(RuntimeError):

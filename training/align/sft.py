@@ -2,11 +2,11 @@
 
     iterative-llm sft --model_name_or_path runs/NAME --dataset_name conversations.jsonl --output_dir runs/NAME-sft
     iterative-llm sft --config training/presets/sft-tiny.yaml --max_steps 50      # YAML, then overrides
-    accelerate launch -m training.sft --config ...                                  # one or more GPUs
+    accelerate launch -m training.align.sft --config ...                                  # one or more GPUs
 
 The shape of TRL's own `trl/scripts/sft.py`: dataclass arguments parsed by `TrlParser` (which reads
 `--config x.yaml` and lets the command line override it) and a `main()`. What this script adds:
-- data in any common shape (`training/alignment_data.py`): hub name or local file/folder; `messages`,
+- data in any common shape (`training/align/data.py`): hub name or local file/folder; `messages`,
   prompt/completion, question/answer, instruction/response or "### Human: ... ### Assistant: ..." text;
 - our chat template renders every conversation, and the loss covers the assistant replies and their
   closing `<|end|>` only (`assistant_only_loss`, through the template's {% generation %} markers);
@@ -16,9 +16,9 @@ The shape of TRL's own `trl/scripts/sft.py`: dataclass arguments parsed by `TrlP
 - evaluation before and after on held-out conversations: the loss on the replies, and the share of
   held-out prompts whose greedy reply ends its turn with `<|end|>`;
 - a Hugging Face model folder with tokenizer, chat template, a generation config that stops at the
-  end of the turn (`training/model_folder.py`), and a model card section with the stage, data, steps
+  end of the turn (`training/align/model_folder.py`), and a model card section with the stage, data, steps
   and figures.
-The steps of `run()` and `main()` that `training/dpo.py` shares are in `training/alignment.py`.
+The steps of `run()` and `main()` that `training/align/dpo.py` shares are in `training/align/common.py`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import trl
 from trl import ModelConfig, SFTTrainer, TrlParser
 
 from iterative_llm.console import make_output_safe
-from training.alignment import DeviceDefaults, card_rows, finish, load_inputs, peft_config_from, run_script, timed_train
-from training.alignment_data import DataArguments, load_sft_dataset
-from training.model_folder import end_of_turn_ids
+from training.align.common import DeviceDefaults, card_rows, finish, load_inputs, peft_config_from, run_script, timed_train
+from training.align.data import DataArguments, load_sft_dataset
+from training.align.model_folder import end_of_turn_ids
 
 
 @dataclass

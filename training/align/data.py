@@ -1,8 +1,8 @@
-"""The data of `training/sft.py` and `training/dpo.py`: conversations and preference pairs in any common shape.
+"""The data of `training/align/sft.py` and `training/align/dpo.py`: conversations and preference pairs in any common shape.
 
 Loading a dataset from the hub or local files, turning each common shape into one conversation format,
 and holding out a slice for evaluation live here once, so the two scripts cannot drift apart. Model
-folders are `training/model_folder.py`'s job, the scripts' shared steps `training/alignment.py`'s.
+folders are `training/align/model_folder.py`'s job, the scripts' shared steps `training/align/common.py`'s.
 
 Every SFT shape becomes `{"messages": [{"role", "content"}, ...]}`:
 

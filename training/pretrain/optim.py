@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .machine import fast_matmul_dtype
+from training.machine import fast_matmul_dtype
 
 __all__ = [
     "build_optimizers",
@@ -205,7 +205,7 @@ def _muon_split(model: nn.Module, trainable: list[torch.Tensor]) -> dict[str, An
             raise ValueError(
                 f"cannot place parameter {name!r} of shape {tuple(p.shape)}: it is not the "
                 "weight of an nn.Linear or nn.Embedding and not 1-D, so neither Muon nor the "
-                "AdamW groups are known to suit it. Extend training/optim.py:_muon_split."
+                "AdamW groups are known to suit it. Extend training/pretrain/optim.py:_muon_split."
             )
     split: dict[str, Any] = {"matrix": [], "embed": [], "head": [], "scalars": [], "tied": tied}
     for p in trainable:  # model order, so the groups are deterministic across runs

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .shards import TokenSplit
+from training.data.shards import TokenSplit
 
 
 class RandomWindowBatches:

@@ -33,10 +33,10 @@ import torch
 from safetensors.torch import load_file
 
 from iterative_llm import run_folder
+from iterative_llm.run_folder import STATE_FILE, checkpoint_root, latest_checkpoint  # noqa: F401  (a run folder's layout)
 
-from .optim import load_optimizer_state_dicts, optimizer_state_dicts
+from training.pretrain.optim import load_optimizer_state_dicts, optimizer_state_dicts
 
-STATE_FILE = "trainer_state.json"
 TRAINING_STATE = "training_state.pt"
 # Config fields that decide the shape of the weights: a checkpoint is only resumable with equal values.
 ARCHITECTURE_FIELDS = (
@@ -60,10 +60,6 @@ class UnsafeCheckpoint(CheckpointError):
 # The numpy RNG state, np.random.get_state(), holds a uint32 array, which pickles through these.
 _NUMPY_RNG_STATE = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
                     getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
-
-
-def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / run_folder.CHECKPOINTS
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -152,18 +148,6 @@ def write_failure(err: Exception, folder: Path, what: str, kept: str, *, resumab
 
 # Free space below which a failed write is taken for a full disk (a write of a few MB just failed).
 _FULL_BELOW = 1 << 20
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    root = checkpoint_root(run_dir)
-    pointer = root / "latest"
-    if pointer.is_file():
-        candidate = root / pointer.read_text(encoding="utf-8").strip()
-        if (candidate / STATE_FILE).is_file():
-            return candidate
-    complete = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
-    return complete[-1] if complete else None
 
 
 def load_checkpoint(path: Path, model, optimizers) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from iterative_llm.command_line import CommandParser, parse_command_line, shell_
 from iterative_llm.console import make_output_safe
 from iterative_llm.run_folder import run_of_checkpoint
 
-from .machine import default_device
+from training.machine import default_device
 
 # Sampling defaults, set here only: `iterative-llm generate`, the samples logged during training
 # (evaluate.sample) and the exported folder's generation_config.json all sample this way.
@@ -37,7 +37,7 @@ def find_model_folder(path: str | Path) -> tuple[Path, Path]:
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         tokenizer_dir = path if (path / "tokenizer.json").is_file() else run_of_checkpoint(path)
         return path, tokenizer_dir
-    from .checkpoint import latest_checkpoint
+    from iterative_llm.run_folder import latest_checkpoint
 
     checkpoint = latest_checkpoint(path)
     if checkpoint is not None:

@@ -10,7 +10,7 @@ Why a rule in tokens per parameter: at a fixed compute budget a model that is to
 few tokens to learn what its size could hold, one too small stops improving early (Hoffmann et al.
 2022, "Chinchilla", about 20 tokens per parameter for large models). On a small machine the tokens
 a size gets in the time are measured, not computed from FLOPs: a short throughput probe of each
-candidate on this machine (training/plan.py `probe_tokens_per_second`). The ratio under our recipe
+candidate on this machine (training/pretrain/plan.py `probe_tokens_per_second`). The ratio under our recipe
 (Muon, a 4096-token BPE, 256-token windows) is checked by benchmarks/ladder.py, which trains every
 depth under the same budget; its results and command are in benchmarks/results/ladder_cpu.md.
 """

@@ -13,9 +13,9 @@ from transformers import GenerationConfig
 from iterative_llm import run_folder
 from iterative_llm.tokenization import END_OF_TURN
 
-from .checkpoint import latest_checkpoint, write_failure
-from .generate import TEMPERATURE, TOP_K
-from .versions import package_versions
+from training.pretrain.checkpoint import latest_checkpoint, write_failure
+from training.eval.generate import TEMPERATURE, TOP_K
+from training.versions import package_versions
 
 TEMPLATE_NAME = "model_card.md"
 
@@ -66,7 +66,7 @@ def plot_loss_curve(run_dir: str | Path, png: str | Path) -> bool:
 def _template() -> str:
     """The model card template: the top-level model_card.md of a source checkout, or the copy
     installed with the package (pyproject's data-files)."""
-    candidates = [Path(__file__).resolve().parents[1] / TEMPLATE_NAME, Path(sys.prefix) / "share" / "iterative-llm" / TEMPLATE_NAME]
+    candidates = [Path(__file__).resolve().parents[2] / TEMPLATE_NAME, Path(sys.prefix) / "share" / "iterative-llm" / TEMPLATE_NAME]
     for path in candidates:
         if path.is_file():
             return path.read_text(encoding="utf-8")
@@ -150,7 +150,7 @@ def _write_model_folder(out: Path, run: Path, model, tokenizer, summary: dict) -
 
 def hellaswag_section(rows: list[dict], step: int) -> str:
     """The card's HellaSwag table: the run's final figures beside the published ones, with sources."""
-    from .multiple_choice import references_markdown
+    from training.eval.hellaswag import references_markdown
 
     final = [r for r in rows if r.get("kind") == "eval" and r.get("step") == step and "hellaswag_acc_norm" in r]
     if not final:

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from iterative_llm.console import progress_bar
 
-from .batches import iter_eval_batches
-from .machine import cpu_description, cpu_name
-from .shards import TokenSplit
+from training.data.batches import iter_eval_batches
+from training.machine import cpu_description, cpu_name
+from training.data.shards import TokenSplit
 
 
 @torch.no_grad()
@@ -77,7 +77,7 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: i
     Documents were trained with the boundary token first, so prompts get it too. A prompt too long for
     the model's context slides out of it from the start, as in `iterative-llm generate`; a note says so.
     """
-    from .generate import TEMPERATURE, TOP_K, continue_ids
+    from training.eval.generate import TEMPERATURE, TOP_K, continue_ids
 
     was_training = model.training
     model.eval()

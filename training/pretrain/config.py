@@ -28,11 +28,11 @@ import yaml
 from iterative_llm import run_folder
 from iterative_llm.command_line import CommandParser, HelpFormatter, did_you_mean, metavar, parse_command_line, shown
 
-from .budget import parse_duration
-from .prepare import TOKENIZER_TRAIN_CHARS
-from .sources import ON_DECODE_ERROR
+from training.pretrain.budget import parse_duration
+from training.data.prepare import TOKENIZER_TRAIN_CHARS
+from training.data.sources import ON_DECODE_ERROR
 
-PRESET_DIR = Path(__file__).parent / "presets"
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"  # training/presets: pretraining's and alignment's
 
 
 def setting(default: Any, help: str) -> Any:
@@ -420,7 +420,7 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
             raise ValueError(f"`{name}` must be true, false or auto, got {getattr(config, name)!r}.")
     if not 0.0 <= config.cooldown_fraction <= 1.0:
         raise ValueError(f"`cooldown_fraction` must be in [0, 1], got {config.cooldown_fraction!r}.")
-    from .multiple_choice import check_training_settings
+    from training.eval.hellaswag import check_training_settings
 
     check_training_settings(config)  # the hellaswag* fields
     return config

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from .budget import EVAL_SPEED_OVER_TRAINING
+from training.pretrain.budget import EVAL_SPEED_OVER_TRAINING
 
 GIB = 1024**3
 # Bytes of state per parameter while training: fp32 weights (4), their gradients (4), and the
@@ -57,7 +57,7 @@ class Device:
 
     @classmethod
     def this_machine(cls) -> "Device":
-        from .machine import cpu_has_native_bf16, cpu_name, default_device, fast_matmul_dtype, mac_gpu_memory
+        from training.machine import cpu_has_native_bf16, cpu_name, default_device, fast_matmul_dtype, mac_gpu_memory
 
         kind = default_device().type
         if kind == "cuda":
@@ -195,8 +195,8 @@ def probe_tokens_per_second(model_config, *, device: torch.device, precision: st
     fastest of them. The model is thrown away; what it measures is the speed of the run to plan."""
     from iterative_llm import IterativeLLMForCausalLM
 
-    from .optim import build_optimizers
-    from .step import train_step
+    from training.pretrain.optim import build_optimizers
+    from training.pretrain.step import train_step
 
     generator = torch.Generator().manual_seed(0)
     model = IterativeLLMForCausalLM(model_config).to(device)
@@ -244,11 +244,11 @@ DATA_MARGIN = 1.1
 # The share of that the run prepares before its first step. On a CPU the probe's few steps can
 # miss the speed by a factor of two either way on a machine that others use, and tokenising is
 # 10-50 times faster than training there: the run prepares half, then extends the shards at a log
-# row as its measured speed says (pretrain.py `extend_the_data`), a pause of seconds. An accelerator
+# row as its measured speed says (trainer.py `Run.extend_the_data`), a pause of seconds. An accelerator
 # measures steadily, and the pause would be minutes: when it does not tokenise beside training
 # (below; --tokenise_beside_training false), it prepares all of it first.
 FIRST_SHARE = {"cpu": 0.5}
-# Tokenising beside training (an accelerator's run, training/tokenise_beside.py): the run tokenises
+# Tokenising beside training (an accelerator's run, training/data/tokenise_beside.py): the run tokenises
 # what its first BESIDE_FIRST_SECONDS of training read before the first step, and a thread the rest
 # while it trains, committing a shard per BESIDE_SHARD_SECONDS of training for the steps to take up.
 BESIDE_FIRST_SECONDS = 60.0
@@ -334,11 +334,11 @@ class Plan:
         return self.tokenise_beside is not None and bool(self.tokenise_beside.value)
 
     def lines(self, budget, device: Device, threads: int) -> list[str]:
-        from .budget import format_seconds
+        from training.pretrain.budget import format_seconds
 
         c = self.config
         if device.kind == "cpu":
-            from .machine import cpu_description
+            from training.machine import cpu_description
 
             where = cpu_description(threads)
         else:
@@ -424,14 +424,14 @@ class _Fitting:
     def model_of(self, fields: dict):
         from iterative_llm import IterativeLLMConfig
 
-        from . import ladder
+        from training.pretrain import ladder
 
         preset = ladder.BASE_PRESET if self.config.model_preset == "auto" else self.config.model_preset
         return IterativeLLMConfig.from_preset(preset, **fields)
 
     def fitted(self, fields: dict) -> tuple[Decision, Decision, int]:
         """(micro-batch, activation checkpointing, parameters) of a model of these fields."""
-        from . import ladder
+        from training.pretrain import ladder
 
         config = self.config
         model_config = self.model_of(fields)
@@ -449,7 +449,7 @@ class _Fitting:
 
     def probe(self, fields: dict, lrs: dict, batch: Decision, checkpointing: Decision) -> tuple[float, Decision]:
         """Tokens/s of this size, all processes together; on an accelerator the micro-batch that ran."""
-        from .step import micro_steps
+        from training.pretrain.step import micro_steps
 
         config, rates = self.config, {}
 
@@ -498,11 +498,11 @@ class _Fitting:
                      model=f"{config.model_preset} preset, {params:,} parameters")
 
     def auto_size(self, say) -> _Size:
-        """--preset auto: the ladder's climb (training/ladder.py), each size probed on this machine."""
+        """--preset auto: the ladder's climb (training/pretrain/ladder.py), each size probed on this machine."""
         from iterative_llm import IterativeLLMConfig
 
-        from . import ladder
-        from .evaluate import flops_per_token
+        from training.pretrain import ladder
+        from training.eval.bits_per_byte import flops_per_token
 
         config, seq_len = self.config, self.config.seq_len
         vocab = config.model.get("vocab_size") or IterativeLLMConfig.from_preset(ladder.BASE_PRESET).vocab_size
@@ -543,8 +543,8 @@ class _Fitting:
 def _size_the_data(plan: Plan, fitting: _Fitting, size: _Size, trained_before: int, say) -> None:
     """Under a time budget: the training time, the end's reserve, and the tokens to tokenise before the
     first step and in all (beyond the `trained_before` tokens a resumed run read already)."""
-    from .budget import format_seconds
-    from .config import source_share_trained, token_caps
+    from training.pretrain.budget import format_seconds
+    from training.pretrain.config import source_share_trained, token_caps
 
     resolved, budget, rate, step_tokens = plan.config, fitting.budget, size.tokens_per_second, plan.config.batch_tokens
     plan.training_seconds = fitting.training_seconds(rate, size.parameters)

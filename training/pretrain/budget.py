@@ -117,7 +117,7 @@ class TimeBudget:
         self.phase_seconds: dict[str, float] = {}
         self.phase_started: dict[str, float] = {}
         # What the final evaluation and the rest of the end (samples, last checkpoint, export, a
-        # margin) are expected to take: the plan's figures from the probed speed (training/plan.py
+        # margin) are expected to take: the plan's figures from the probed speed (training/pretrain/plan.py
         # `end_reserve`, kept by `keep_for_the_end`), the evaluation's part replaced by each evaluation
         # measured during training.
         self.end_parts = {"evaluation": 0.0, "rest": 0.0}
@@ -125,7 +125,7 @@ class TimeBudget:
         self._evaluation_measured = False
 
     def keep_for_the_end(self, end_parts: dict | None, eval_tokens: int | None) -> None:
-        """What the plan expects the end to take (training/plan.py `end_reserve`; None without a plan
+        """What the plan expects the end to take (training/pretrain/plan.py `end_reserve`; None without a plan
         for the time), and the tokens the final evaluation reads: set once, by the run, before training."""
         if end_parts:
             self.end_parts = dict(end_parts)  # the budget's own: evaluations measured replace a part

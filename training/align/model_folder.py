@@ -1,5 +1,5 @@
-"""Model folders in and out of the alignment stages: what `training/sft.py`, `training/dpo.py` and
-`training/chat.py` read from a model folder and write to one.
+"""Model folders in and out of the alignment stages: what `training/align/sft.py`, `training/align/dpo.py` and
+`training/align/chat.py` read from a model folder and write to one.
 
 In: the tokenizer, which must carry a chat template (SFT, DPO and chat all render with it), and the
 starting model, checked against it. Out: a plain Hugging Face folder (weights, config and modeling
@@ -18,7 +18,7 @@ from typing import Any
 # Importing the package registers our model type with the Auto classes, before any folder is loaded.
 from iterative_llm.tokenization import END_OF_TURN, check_tokenizer_matches_model, has_chat_template
 
-from .versions import package_versions
+from training.versions import package_versions
 
 logger = logging.getLogger(__name__)
 
