@@ -4,7 +4,7 @@
     python benchmarks/pretrain_recipe.py --data-dir ../shared/data --dataset books
 
 Both models go through the same data pipeline (one tokenizer, one set of token shards, the same
-batches at every step) and the same loop (training/pretrain/trainer.py); they differ in what the recipe
+batches at every step) and the same loop (training/pretrain/loop.py); they differ in what the recipe
 changes: the model (IterativeLLM: rotary, RMSNorm, QK-norm, ReLU^2, soft-capping, zero-init
 projections) and the optimisation (Muon + AdamW, warmup-stable-decay) against transformers'
 GPT2LMHeadModel of the same parameter count with AdamW and a cosine schedule, its learning rate

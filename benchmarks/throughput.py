@@ -158,7 +158,7 @@ def make_batches(count: int, batch_size: int, seq_len: int, vocab_size: int, pin
 
 
 def autocast_for(device: torch.device, dtype: str):
-    """A context factory: bf16 autocast (fp32 weights, bf16 matrix products), as training/pretrain/trainer.py
+    """A context factory: bf16 autocast (fp32 weights, bf16 matrix products), as training/pretrain/loop.py
     gets from accelerate, or nothing for fp32."""
     if dtype == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
@@ -351,7 +351,7 @@ def parse_args(argv=None):
     parser.add_argument("--plain-loss", action="store_true", help="our model computes its loss from the full "
                         "logits, as GPT-2 does, instead of pretraining's chunked `skip_logits` loss")
     parser.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step, as "
-                        "training/pretrain/trainer.py accumulates up to batch_tokens (default: the training preset's)")
+                        "training/pretrain/setup.py accumulates up to batch_tokens (default: the training preset's)")
     parser.add_argument("--grad-clip", type=float, default=1.0)
     parser.add_argument("--gen-batch", type=int, default=8, help="prompts generated together")
     parser.add_argument("--prompt-len", type=int, default=32)

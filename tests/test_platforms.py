@@ -58,7 +58,7 @@ def test_a_macs_micro_batch_fits_what_metal_recommends_and_says_so(a_mac, monkey
 
 def test_on_a_mac_the_cpu_tokenises_beside_training_with_all_but_one_core(a_mac, monkeypatch):
     from training.pretrain.config import TrainConfig
-    from training.pretrain.trainer import set_up_threads
+    from training.pretrain.setup import set_up_threads
 
     device = Device.this_machine()
     assert choose_tokenise_beside(device, "auto").value is True  # the GPU trains; the CPU cores are free

@@ -13,7 +13,8 @@ import pytest
 
 from training.pretrain import plan as plan_module
 from training.data import prepare as prepare_module
-from training.pretrain import trainer as pretrain_module
+from training.pretrain import loop as loop_module
+from training.pretrain import run_state as run_module
 from training.pretrain.budget import TimeBudget
 from training.pretrain.checkpoint import STATE_FILE, latest_checkpoint
 from training.pretrain.config import build_config
@@ -117,7 +118,7 @@ def _slow_in_the_thread(monkeypatch, seconds: float, fail: Exception | None = No
     """The tokenizer takes `seconds` a batch (or raises `fail`) when called off the main thread;
     returns what the steps did meanwhile: the training steps counted while each batch was encoded."""
     record = {"steps": 0, "steps_during_batches": []}
-    encode, step = prepare_module._encode_batch, pretrain_module.train_step
+    encode, step = prepare_module._encode_batch, loop_module.train_step
 
     def encode_slowly(encoder, texts):
         if threading.current_thread() is threading.main_thread():
@@ -135,7 +136,7 @@ def _slow_in_the_thread(monkeypatch, seconds: float, fail: Exception | None = No
 
     monkeypatch.setattr(prepare_module, "_encode_batch", encode_slowly)
     monkeypatch.setattr(prepare_module, "_BATCH_CHARS", 20_000)  # many batches, each a few documents
-    monkeypatch.setattr(pretrain_module, "train_step", counted_step)
+    monkeypatch.setattr(loop_module, "train_step", counted_step)
     return record
 
 
@@ -146,7 +147,7 @@ def _beside_settings(text_dir: Path, out: Path, seconds: float, **overrides) -> 
 
 def _first_seconds(monkeypatch, seconds: float) -> None:
     monkeypatch.setattr(plan_module, "BESIDE_FIRST_SECONDS", seconds)
-    monkeypatch.setattr(pretrain_module, "BESIDE_FIRST_SECONDS", seconds)
+    monkeypatch.setattr(run_module, "BESIDE_FIRST_SECONDS", seconds)
 
 
 def test_a_run_trains_while_a_thread_tokenises_the_rest(tmp_path, big_text_dir, monkeypatch, capsys):
@@ -155,8 +156,8 @@ def test_a_run_trains_while_a_thread_tokenises_the_rest(tmp_path, big_text_dir, 
     _first_seconds(monkeypatch, 2.0)
     record = _slow_in_the_thread(monkeypatch, 0.3)
     taken_up = []
-    train_on = pretrain_module.Run._train_on
-    monkeypatch.setattr(pretrain_module.Run, "_train_on",
+    train_on = run_module.Run._train_on
+    monkeypatch.setattr(run_module.Run, "_train_on",
                         lambda self, longer: (taken_up.append(longer.num_tokens), train_on(self, longer))[1])
     run, seconds = tmp_path / "run", 10.0
     summary = train(build_config(_beside_settings(big_text_dir, run, seconds, max_documents=60)))

@@ -31,7 +31,7 @@ def make_run(root, name, *, lr=0.01, width=128, rate=0.1, steps=20, tokens_per_s
                           "val_loss": 0.9 * bpb, "val_bpb": bpb})
     lines.append({"kind": "sample", "step": steps, "prompt": "The", "text": "The cat"})
     (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
-    # As training/pretrain/trainer.py writes it: the resolved training settings, and the model config's fields.
+    # As training/pretrain/setup.py writes it: the resolved training settings, and the model config's fields.
     config = {"train": {"out": f"runs/{name}", "resume": False, "seed": 1337, "model_preset": "tiny",
                         "lr_matrix": lr, "warmup_steps": 10, "sample_prompts": ["The", "def "]},
               "model": {"hidden_size": width, "num_hidden_layers": 4}}

@@ -81,7 +81,7 @@ def test_the_training_time_gives_way_to_what_ran_long():
 
 
 def test_a_time_budget_bounds_the_whole_command_and_the_summary_has_its_phases(tmp_path, big_text_dir, monkeypatch):
-    from training.pretrain.trainer import Run
+    from training.pretrain.run_state import Run
 
     # Evaluations during training that take 1 s longer than planned: training must give way.
     slow_evaluate = Run.evaluate

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from training.pretrain import trainer as pretrain
+from training.pretrain import setup as pretrain_setup
 from training.pretrain.config import build_config
 from training.pretrain.trainer import TrainingError, train
 
@@ -54,7 +54,7 @@ def test_compiled_gradients_that_differ_from_eager_stop_the_run_before_training(
             layer.compile(backend=_detaching_backend)
         return model
 
-    monkeypatch.setattr(pretrain, "compile_model", broken_compile)
+    monkeypatch.setattr(pretrain_setup, "compile_model", broken_compile)
     run = tmp_path / "run"
     with pytest.raises(TrainingError, match="--compile false"):
         train(build_config(settings(text_dir, run, compile=True)))

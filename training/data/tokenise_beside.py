@@ -1,7 +1,7 @@
 """Tokenising beside training: on a GPU the CPU cores are idle while the card trains, so the token
 shards are extended in a thread as the steps go on, and training takes up each new shard at a log
 row. The card never waits for the tokenizer. (A run on a CPU, whose cores do the training, extends
-its shards in short pauses instead: training/pretrain/trainer.py `Run.extend_the_data`.)
+its shards in short pauses instead: training/pretrain/run_state.py `Run.extend_the_data`.)
 
     beside = TokeniserBeside(prepare)        # prepare(max_tokens=, shard_tokens=, stop=, on_commit=)
     beside.start(max_tokens, shard_tokens)   # a thread tokenises the source up to max_tokens

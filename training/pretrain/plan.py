@@ -244,7 +244,7 @@ DATA_MARGIN = 1.1
 # The share of that the run prepares before its first step. On a CPU the probe's few steps can
 # miss the speed by a factor of two either way on a machine that others use, and tokenising is
 # 10-50 times faster than training there: the run prepares half, then extends the shards at a log
-# row as its measured speed says (trainer.py `Run.extend_the_data`), a pause of seconds. An accelerator
+# row as its measured speed says (run_state.py `Run.extend_the_data`), a pause of seconds. An accelerator
 # measures steadily, and the pause would be minutes: when it does not tokenise beside training
 # (below; --tokenise_beside_training false), it prepares all of it first.
 FIRST_SHARE = {"cpu": 0.5}

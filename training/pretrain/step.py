@@ -4,7 +4,7 @@
 one step (forward, backward, clip, optimizer step), `compile_model` compiles the parts that do the
 work, and `warm_up_compiled` compiles them off the clock and checks the compiled gradients against
 the eager ones (issue 14: a compiled graph that trained on zero gradients cost a GPU run). Training
-(training/pretrain/trainer.py), benchmarks/throughput.py and benchmarks/gpu_check.py all time this code.
+(training/pretrain/loop.py), benchmarks/throughput.py and benchmarks/gpu_check.py all time this code.
 """
 
 from __future__ import annotations
