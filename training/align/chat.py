@@ -20,8 +20,8 @@ from transformers import TextStreamer
 from iterative_llm.command_line import CommandParser, parse_command_line
 from iterative_llm.console import make_output_safe
 
-from training.machine import default_device, fast_matmul_dtype
 from training.align.model_folder import end_of_turn_ids, load_tokenizer_with_template
+from training.machine import default_device, fast_matmul_dtype
 
 
 @dataclass

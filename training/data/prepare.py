@@ -51,9 +51,9 @@ from iterative_llm.tokenization import (
     train_tokenizer,
 )
 
-from training.run_lock import hold
 from training.data.shards import FORMAT_VERSION, MANIFEST, SPLITS, ShardedDataset, read_manifest
 from training.data.sources import BUILTIN_PYTHON_DOCS, ON_DECODE_ERROR, describe_source, iter_documents
+from training.run_lock import hold
 from training.versions import package_versions
 
 # How much text goes to the tokenizer at once: enough for the Rust backend to keep every core busy,

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from iterative_llm.console import progress_bar
 
 from training.data.batches import iter_eval_batches
-from training.machine import cpu_description, cpu_name
 from training.data.shards import TokenSplit
+from training.machine import cpu_description, cpu_name
 
 
 @torch.no_grad()

@@ -27,9 +27,9 @@ import torch
 from iterative_llm.command_line import CommandParser, parse_command_line
 from iterative_llm.console import make_output_safe
 
-from training.machine import default_device
-from training.eval.hellaswag import HELLASWAG_REFERENCES, HellaSwagError, load_items, model_max_length, score_hellaswag
 from training.data.sources import iter_documents
+from training.eval.hellaswag import HELLASWAG_REFERENCES, HellaSwagError, load_items, model_max_length, score_hellaswag
+from training.machine import default_device
 
 
 class EvalInputError(ValueError):

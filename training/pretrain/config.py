@@ -28,9 +28,9 @@ import yaml
 from iterative_llm import run_folder
 from iterative_llm.command_line import CommandParser, HelpFormatter, did_you_mean, metavar, parse_command_line, shown
 
-from training.pretrain.budget import parse_duration
 from training.data.prepare import TOKENIZER_TRAIN_CHARS
 from training.data.sources import ON_DECODE_ERROR
+from training.pretrain.budget import parse_duration
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"  # training/presets: pretraining's and alignment's
 

@@ -13,8 +13,8 @@ from transformers import GenerationConfig
 from iterative_llm import run_folder
 from iterative_llm.tokenization import END_OF_TURN
 
-from training.pretrain.checkpoint import latest_checkpoint, write_failure
 from training.eval.generate import TEMPERATURE, TOP_K
+from training.pretrain.checkpoint import latest_checkpoint, write_failure
 from training.versions import package_versions
 
 TEMPLATE_NAME = "model_card.md"

@@ -7,8 +7,8 @@ import json
 
 from iterative_llm import run_folder
 
-from training.pretrain.budget import format_seconds
 from training.eval.bits_per_byte import hardware
+from training.pretrain.budget import format_seconds
 from training.pretrain.export import export_model_folder
 from training.pretrain.run_state import Run
 

@@ -10,13 +10,13 @@ import torch
 
 from iterative_llm.console import progress_bar
 
-from training.pretrain.config import TrainConfig
 from training.eval.bits_per_byte import flops_per_token, peak_flops
+from training.pretrain.config import TrainConfig
 from training.pretrain.guards import LearningCheck, check_loss_finite
 from training.pretrain.optim import apply_lr, apply_muon_momentum, lr_multiplier, muon_momentum
-from training.pretrain.stop_request import StopRequest
-from training.pretrain.step import train_step
 from training.pretrain.run_state import Run
+from training.pretrain.step import train_step
+from training.pretrain.stop_request import StopRequest
 
 
 def train_loop(run: Run) -> str | None:

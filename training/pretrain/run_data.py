@@ -8,12 +8,12 @@ from pathlib import Path
 from iterative_llm import run_folder
 from iterative_llm.command_line import shell_word
 
+from training.data.prepare import ShardSettingsError, prepare_shards
+from training.data.tokenise_beside import TokeniserBeside
 from training.pretrain.config import TrainConfig
 from training.pretrain.guards import TrainingError
 from training.pretrain.plan import Plan
-from training.data.prepare import ShardSettingsError, prepare_shards
 from training.run_lock import hold
-from training.data.tokenise_beside import TokeniserBeside
 
 
 DATA_IN_USE = ("It is preparing the token shards; start again when it is done (they are then reused), "

@@ -16,18 +16,18 @@ from iterative_llm import run_folder
 from iterative_llm.command_line import shell_word
 from iterative_llm.tokenization import token_byte_lengths
 
+from training.data.shards import ShardedDataset
+from training.data.tokenise_beside import TokeniserBeside, TokenisingFailed
+from training.eval.bits_per_byte import evaluate, sample
+from training.eval.hellaswag import hellaswag_in_run
 from training.pretrain.budget import TimeBudget
 from training.pretrain.checkpoint import save_checkpoint
 from training.pretrain.config import TrainConfig, source_share_trained, token_caps
-from training.eval.bits_per_byte import evaluate, sample
 from training.pretrain.guards import TrainingError
-from training.eval.hellaswag import hellaswag_in_run
 from training.pretrain.plan import BESIDE_FIRST_SECONDS, BESIDE_SHARD_SECONDS, DATA_MARGIN, EXTEND_AHEAD, Plan
-from training.run_lock import hold
-from training.data.shards import ShardedDataset
-from training.pretrain.step import eagerly, to_model_inputs
-from training.data.tokenise_beside import TokeniserBeside, TokenisingFailed
 from training.pretrain.run_data import DATA_IN_USE, _prepare_shards
+from training.pretrain.step import eagerly, to_model_inputs
+from training.run_lock import hold
 
 
 @dataclass

@@ -14,23 +14,23 @@ import torch
 from iterative_llm import IterativeLLMConfig, IterativeLLMForCausalLM, run_folder
 from iterative_llm.tokenization import check_tokenizer_matches_model
 
-from training.pretrain import ladder
 from training.data.batches import RandomWindowBatches
+from training.data.prepare import tokenizer_for
+from training.data.shards import MANIFEST, ShardedDataset
+from training.data.sources import iter_documents
+from training.machine import choose_threads, cpu_description
+from training.pretrain import ladder
 from training.pretrain.budget import TimeBudget, format_seconds
 from training.pretrain.checkpoint import STATE_FILE, latest_checkpoint, resume_checkpoint
 from training.pretrain.config import TrainConfig, scalar_settings, write_run_config
 from training.pretrain.guards import TrainingError, check_model_settings, check_resume_settings
-from training.machine import choose_threads, cpu_description
-from training.pretrain.plan import Device, Plan, choose_precision, fit_run, measure_encode_rate, tokenizer_chars
 from training.pretrain.optim import build_optimizers
-from training.data.prepare import tokenizer_for
-from training.run_lock import hold
-from training.data.shards import MANIFEST, ShardedDataset
-from training.data.sources import iter_documents
-from training.pretrain.step import compile_model, compile_problem, micro_steps
-from training.versions import package_versions
+from training.pretrain.plan import Device, Plan, choose_precision, fit_run, measure_encode_rate, tokenizer_chars
 from training.pretrain.run_data import DATA_IN_USE, _data_dir, _prepare_shards, _tokeniser_beside
 from training.pretrain.run_state import Run
+from training.pretrain.step import compile_model, compile_problem, micro_steps
+from training.run_lock import hold
+from training.versions import package_versions
 
 
 # The process group of a data-parallel run is never freed in Python. Freeing it (when the DDP model

@@ -39,13 +39,13 @@ from iterative_llm.console import make_output_safe
 from training.pretrain.budget import TimeBudget, parse_duration, process_start_time
 from training.pretrain.checkpoint import CheckpointError
 from training.pretrain.config import TrainConfig, build_parser, parse_args  # noqa: F401  (build_parser: the stage's, for training.pretrain)
-from training.pretrain.guards import TrainingError
-from training.run_lock import FolderInUse, hold
-from training.pretrain.step import uncompile_model, warm_up_compiled
 from training.pretrain.finish import _end_processes, finish
+from training.pretrain.guards import TrainingError
 from training.pretrain.loop import train_loop
 from training.pretrain.run_state import Run
 from training.pretrain.setup import _several_processes, set_up
+from training.pretrain.step import uncompile_model, warm_up_compiled
+from training.run_lock import FolderInUse, hold
 
 
 def main(argv: list[str] | None = None) -> int:
