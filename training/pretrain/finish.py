@@ -53,11 +53,11 @@ def finish(run: Run) -> dict:
         run.say(f"model folder: {run.out} (load it with AutoModelForCausalLM.from_pretrained({str(run.out)!r}))"
                 + (f"; the whole command took {format_seconds(budget.elapsed())} of its "
                    f"{format_seconds(budget.seconds)}" if budget.seconds is not None else ""))
-    _end_processes(run.accelerator)
+    end_processes(run.accelerator)
     return summary
 
 
-def _end_processes(accelerator) -> None:
+def end_processes(accelerator) -> None:
     """The end of a run, in order on every process: all meet, the trackers close, the process group goes
     (accelerate's end_training calls torch.distributed.destroy_process_group)."""
     accelerator.wait_for_everyone()

@@ -20,7 +20,7 @@ DATA_IN_USE = ("It is preparing the token shards; start again when it is done (t
                "or choose another --data_cache.")
 
 
-def _tokeniser_beside(config: TrainConfig, plan: Plan, tokenizer, data_dir: Path, out: Path) -> TokeniserBeside | None:
+def tokeniser_beside_for_run(config: TrainConfig, plan: Plan, tokenizer, data_dir: Path, out: Path) -> TokeniserBeside | None:
     """The thread that tokenises the rest of the data while training runs, when the plan says so:
     the same preparation as before the first step, under the data folder's lock, without bars."""
     if not plan.tokenises_beside:
@@ -28,18 +28,18 @@ def _tokeniser_beside(config: TrainConfig, plan: Plan, tokenizer, data_dir: Path
 
     def prepare(*, max_tokens: int, shard_tokens: int, stop, on_commit) -> None:
         with hold(data_dir, DATA_IN_USE):
-            _prepare_shards(config, tokenizer, data_dir, out, max_tokens=max_tokens, progress=False,
+            prepare_shards_for_run(config, tokenizer, data_dir, out, max_tokens=max_tokens, progress=False,
                             shard_tokens=shard_tokens, stop=stop, on_commit=on_commit)
 
     return TokeniserBeside(prepare)
 
 
-def _data_dir(config: TrainConfig, out: Path) -> Path:
+def run_data_dir(config: TrainConfig, out: Path) -> Path:
     """The tokenizer and token shards' folder: --data_cache, else the run's own."""
     return Path(config.data_cache) if config.data_cache else out / run_folder.DATA
 
 
-def _prepare_shards(config: TrainConfig, tokenizer, data_dir: Path, out: Path, max_tokens: int | None = None,
+def prepare_shards_for_run(config: TrainConfig, tokenizer, data_dir: Path, out: Path, max_tokens: int | None = None,
                     progress: bool | None = None, **beside) -> None:
     """prepare_shards with the run's data settings (`beside`: a thread's shard_tokens, stop, on_commit)."""
     try:

@@ -25,7 +25,7 @@ from training.pretrain.checkpoint import save_checkpoint
 from training.pretrain.config import TrainConfig, source_share_trained, token_caps
 from training.pretrain.guards import TrainingError
 from training.pretrain.plan import BESIDE_FIRST_SECONDS, BESIDE_SHARD_SECONDS, DATA_MARGIN, EXTEND_AHEAD, Plan
-from training.pretrain.run_data import DATA_IN_USE, _prepare_shards
+from training.pretrain.run_data import DATA_IN_USE, prepare_shards_for_run
 from training.pretrain.step import eagerly, to_model_inputs
 from training.run_lock import hold
 
@@ -152,7 +152,7 @@ class Run:
                 return
             if self.main_process:
                 with hold(self.data_dir, DATA_IN_USE):
-                    _prepare_shards(c, self.tokenizer, self.data_dir, self.out, max_tokens=int(wanted / share_kept))
+                    prepare_shards_for_run(c, self.tokenizer, self.data_dir, self.out, max_tokens=int(wanted / share_kept))
             self.accelerator.wait_for_everyone()
             longer = ShardedDataset.open(self.data_dir).split("train")
             self._source_exhausted = longer.num_tokens < 1.05 * self.train_split.num_tokens  # nothing more to read

@@ -26,7 +26,7 @@ from training.pretrain.config import TrainConfig, scalar_settings, write_run_con
 from training.pretrain.guards import TrainingError, check_model_settings, check_resume_settings
 from training.pretrain.optim import build_optimizers
 from training.pretrain.plan import Device, Plan, choose_precision, fit_run, measure_encode_rate, tokenizer_chars
-from training.pretrain.run_data import DATA_IN_USE, _data_dir, _prepare_shards, _tokeniser_beside
+from training.pretrain.run_data import DATA_IN_USE, run_data_dir, prepare_shards_for_run, tokeniser_beside_for_run
 from training.pretrain.run_state import Run
 from training.pretrain.step import compile_model, compile_problem, micro_steps
 from training.run_lock import hold
@@ -114,8 +114,8 @@ def set_up(config: TrainConfig, model_factory=None, budget: TimeBudget | None = 
         # (`skip_logits`); a baseline model from `model_factory` gets the plain call.
         loss_kwargs={"skip_logits": True} if isinstance(raw_model, IterativeLLMForCausalLM) else {},
         state=state, say=say, budget=budget, plan=plan, compile_fallback=compile_fallback,
-        data_dir=_data_dir(config, out),
-        beside=_tokeniser_beside(config, plan, tokenizer, _data_dir(config, out), out) if main_process else None,
+        data_dir=run_data_dir(config, out),
+        beside=tokeniser_beside_for_run(config, plan, tokenizer, run_data_dir(config, out), out) if main_process else None,
     )
 
 
@@ -128,7 +128,7 @@ def _start_processes(config: TrainConfig, precision: str, out: Path):
     accelerator = Accelerator(
         # Several processes without GPUs (torchrun on a CPU machine): accelerate needs to be told
         # to use CPU data parallelism (gloo); otherwise each process trains alone.
-        cpu=not torch.cuda.is_available() and _several_processes(),
+        cpu=not torch.cuda.is_available() and several_processes(),
         mixed_precision=precision if precision in ("bf16", "fp16") else "no",
         log_with=None if config.report_to == "none" else config.report_to,
         project_dir=str(out),
@@ -196,7 +196,7 @@ def _planned_data(config: TrainConfig, accelerator, out: Path, say, machine: Dev
     makes them on the main process, tokenising what the plan asks for, and reuses or extends them
     after). A start that fails here removes the folders it made."""
     main_process = accelerator.is_main_process
-    data_dir = _data_dir(config, out)
+    data_dir = run_data_dir(config, out)
     created = [path for path in (out, data_dir) if not path.exists()]
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -221,7 +221,7 @@ def _planned_data(config: TrainConfig, accelerator, out: Path, say, machine: Dev
                 tokenizer = the_tokenizer()  # the main process's, saved by now
             plan = _the_plan(config, accelerator, machine, budget, tokenizer, say, trained_before)
             if main_process:
-                _prepare_shards(plan.config, tokenizer, data_dir, out, max_tokens=plan.tokens_to_prepare)
+                prepare_shards_for_run(plan.config, tokenizer, data_dir, out, max_tokens=plan.tokens_to_prepare)
         accelerator.wait_for_everyone()
     except BaseException:
         if main_process:
@@ -316,6 +316,6 @@ def _write_run_files(out: Path, config, model_config, tokenizer, resumed: bool, 
     elif not resumed and metrics.exists():
         metrics.unlink()
 
-def _several_processes() -> bool:
+def several_processes() -> bool:
     """Launched by torchrun or `accelerate launch` as one of several processes."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

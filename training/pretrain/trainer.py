@@ -39,11 +39,11 @@ from iterative_llm.console import make_output_safe
 from training.pretrain.budget import TimeBudget, parse_duration, process_start_time
 from training.pretrain.checkpoint import CheckpointError
 from training.pretrain.config import TrainConfig, build_parser, parse_args  # noqa: F401  (build_parser: the stage's, for training.pretrain)
-from training.pretrain.finish import _end_processes, finish
+from training.pretrain.finish import end_processes, finish
 from training.pretrain.guards import TrainingError
 from training.pretrain.loop import train_loop
 from training.pretrain.run_state import Run
-from training.pretrain.setup import _several_processes, set_up
+from training.pretrain.setup import several_processes, set_up
 from training.pretrain.step import uncompile_model, warm_up_compiled
 from training.run_lock import FolderInUse, hold
 
@@ -63,13 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingError, CheckpointError, FolderInUse, ValueError, FileNotFoundError) as err:
         print(f"iterative-llm train: {err}", file=sys.stderr)
     except BaseException:
-        if not _several_processes():
+        if not several_processes():
             raise
         import traceback
 
         traceback.print_exc()  # the launcher stops the other processes when this one fails
     finally:
-        if _several_processes():
+        if several_processes():
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)  # no interpreter teardown: see _KEEP_UNTIL_EXIT
@@ -124,7 +124,7 @@ def _train(config: TrainConfig, model_factory=None, started: float | None = None
     if stopped_by is not None:
         run.say(f"Stopped by {stopped_by} at step {run.state['step']}. "
                 f"Continue with: iterative-llm train --out {shell_word(run.out)} --resume")
-        _end_processes(run.accelerator)
+        end_processes(run.accelerator)
         return {"stopped": True, **run.state}
     return finish(run)
 
